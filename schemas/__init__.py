@@ -1,0 +1,1 @@
+"""The only description of a message: FM contract events, client settings, CS-Cart payloads."""
