@@ -42,9 +42,9 @@ def resolve_status(wanted: str, store_statuses: Mapping[str, str]) -> str | None
     for letter, name in store_statuses.items():
         if _key(name) == key:
             return letter
-    letter = _BUILT_IN.get(key)
-    if letter is not None and letter in store_statuses:
-        return letter
+    built_in = _BUILT_IN.get(key)
+    if built_in is not None and built_in in store_statuses:
+        return built_in
     return None
 
 

@@ -88,7 +88,7 @@ def run(
                 shutdown_grace=env.shutdown_grace,
             ),
         )
-        health.add(f"consumer {name}", lambda r=runtime: r.ready)
+        health.add(f"consumer {name}", runtime.is_ready)
         runtimes.append(runtime)
     log.info("starting", consumers=names, clients=sorted(services.clients))
     try:
@@ -160,7 +160,6 @@ def check(
 ) -> None:
     """Check a client's connection: credentials, the administrator, the configured statuses."""
     from cscart.client import CsCartClient
-
     from cscart.statuses import resolve_all
     from schemas.settings import load_clients
 

@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from types import FrameType
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -191,6 +192,9 @@ class ConsumerRuntime(Generic[E]):
         """Connected and consuming (for /readyz)."""
         return self._connected.is_set()
 
+    def is_ready(self) -> bool:
+        return self.ready
+
     def run(self) -> None:
         wait = 1.0
         metrics.CONSUMER_UP.labels(self.name).set(0)
@@ -300,9 +304,7 @@ class ConsumerRuntime(Generic[E]):
                 attempt=attempt,
                 redelivered=bool(message.delivery_info.get("redelivered")),
             )
-            future = self._workers.submit(
-                lambda body=message.body, d=delivery: self._process(body, d)
-            )
+            future = self._workers.submit(partial(self._process, message.body, delivery))
             self._in_flight.append(_InFlight(message, future, attempt))
 
     def _process(self, body: bytes, delivery: Delivery) -> _Outcome:

@@ -126,7 +126,9 @@ class StateStore:
         """Insert a row unless its key exists; True when this call inserted it."""
         dialect_insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
         statement = dialect_insert(table).values(**values).on_conflict_do_nothing()
-        return conn.execute(statement).rowcount == 1
+        # RETURNING, not rowcount: psycopg 3 reports -1 for an INSERT ... ON CONFLICT.
+        marker = next(iter(table.primary_key.columns))
+        return conn.execute(statement.returning(marker)).first() is not None
 
     def upsert(
         self,
@@ -143,7 +145,8 @@ class StateStore:
         statement = dialect_insert(table).values(**values)
         updates = {name: statement.excluded[name] for name in values if name not in key}
         statement = statement.on_conflict_do_update(index_elements=key, set_=updates, where=where)
-        return conn.execute(statement).rowcount == 1
+        marker = next(iter(table.primary_key.columns))
+        return conn.execute(statement.returning(marker)).first() is not None
 
     def close(self) -> None:
         self.engine.dispose()

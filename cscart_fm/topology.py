@@ -185,7 +185,7 @@ def describe(retry_delays: Iterable[int] = DEFAULT_RETRY_DELAYS) -> list[dict[st
                 "name": queue.name,
                 "exchange": queue.exchange.name if queue.exchange else "",
                 "routing_key": queue.routing_key or "",
-                "arguments": dict(queue.queue_arguments or {}),
+                "arguments": dict(getattr(queue, "queue_arguments", None) or {}),
             }
         )
     return rows

@@ -23,6 +23,7 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
+from pydantic_core import ErrorDetails
 
 from cscart_fm.errors import InvalidMessage
 
@@ -186,7 +187,7 @@ def order_event_id(client_id: str, cart_order_id: int) -> str:
     return str(uuid.uuid5(_EVENT_NAMESPACE, f"order.imported/{client_id}/{cart_order_id}"))
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: ErrorDetails) -> str:
     loc = ".".join(str(part) for part in error["loc"]) or "(body)"
     return f"{loc}: {error['msg'].removeprefix('Value error, ')}"
 
@@ -205,7 +206,7 @@ def decode_json(body: bytes | str) -> dict[str, Any]:
         document = json.loads(text)
     except RecursionError:
         raise InvalidMessage("body is nested too deeply to be a contract message") from None
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise InvalidMessage(f"body is not JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(document, dict):
         raise InvalidMessage(f"body is a JSON {type(document).__name__}, expected an object")

@@ -1,0 +1,83 @@
+"""The state store on SQLite and PostgreSQL: schema at start, insert-once, guarded upserts."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import sqlalchemy as sa
+
+from cscart_fm.state import StateStore, metadata, schema_version
+
+probe = sa.Table(
+    "test_probe",
+    metadata,
+    sa.Column("client_id", sa.String(64), primary_key=True),
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Integer, nullable=False),
+)
+
+pytestmark = pytest.mark.postgres
+
+
+def test_schema_is_created_at_start_and_reopening_is_harmless(state_url: str) -> None:
+    first = StateStore.open(state_url)
+    second = StateStore.open(state_url)  # a second replica starting on the same database
+    with second.engine.connect() as conn:
+        versions = conn.execute(sa.select(schema_version.c.version)).scalars().all()
+        assert "test_probe" in sa.inspect(conn).get_table_names()
+    assert versions == [0]
+    first.close()
+    second.close()
+
+
+def test_insert_ignore_inserts_once(state_url: str) -> None:
+    store = StateStore.open(state_url)
+    with store.transaction() as conn:
+        assert store.insert_ignore(conn, probe, {"client_id": "A", "key": "k", "value": 1})
+        assert not store.insert_ignore(conn, probe, {"client_id": "A", "key": "k", "value": 2})
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.select(probe.c.value)).scalar_one() == 1
+    store.close()
+
+
+def test_upsert_with_a_guard_refuses_older_values(state_url: str) -> None:
+    store = StateStore.open(state_url)
+    key = ["client_id", "key"]
+
+    def put(value: int) -> bool:
+        with store.transaction() as conn:
+            return store.upsert(
+                conn,
+                probe,
+                {"client_id": "A", "key": "k", "value": value},
+                key=key,
+                where=probe.c.value < sa.literal(value),
+            )
+
+    assert put(5)
+    assert put(7)
+    assert not put(6)  # older: refused
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.select(probe.c.value)).scalar_one() == 7
+    store.close()
+
+
+def test_concurrent_writers_each_insert_once(state_url: str) -> None:
+    store = StateStore.open(state_url)
+    wins: list[bool] = []
+    lock = threading.Lock()
+
+    def claim() -> None:
+        with store.transaction() as conn:
+            won = store.insert_ignore(conn, probe, {"client_id": "B", "key": "race", "value": 1})
+        with lock:
+            wins.append(won)
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wins.count(True) == 1
+    store.close()
