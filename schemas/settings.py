@@ -225,11 +225,14 @@ class Clients(Mapping[str, ClientSettings]):
 def _expand(value: Any, environ: Mapping[str, str], where: str, problems: list[str]) -> Any:
     """Replace ``${NAME}`` by the environment's value in every string of the file."""
     if isinstance(value, dict):
-        return {k: _expand(v, environ, f"{where}.{k}" if where else str(k), problems)
-                for k, v in value.items()}
+        return {
+            k: _expand(v, environ, f"{where}.{k}" if where else str(k), problems)
+            for k, v in value.items()
+        }
     if isinstance(value, list):
         return [_expand(v, environ, f"{where}[{i}]", problems) for i, v in enumerate(value)]
     if isinstance(value, str):
+
         def substitute(match: re.Match[str]) -> str:
             name = match.group(1)
             if name not in environ:
@@ -306,7 +309,7 @@ def parse_clients(document: Any, environ: Mapping[str, str] | None = None) -> Cl
             client = ClientSettings.model_validate(raw)
         except ValidationError as exc:
             for error in exc.errors(include_url=False, include_input=False):
-                message = error['msg'].removeprefix('Value error, ')
+                message = error["msg"].removeprefix("Value error, ")
                 own.append(f"{_field_path(error['loc'])}: {message}")
         else:
             if client.client_id in seen:
@@ -326,7 +329,9 @@ def load_clients(path: str | Path, environ: Mapping[str, str] | None = None) -> 
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise SettingsError(f"clients file {str(path)!r}: cannot read it ({exc.strerror})") from None
+        raise SettingsError(
+            f"clients file {str(path)!r}: cannot read it ({exc.strerror})"
+        ) from None
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
