@@ -8,8 +8,11 @@ old database without a manual step.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -19,6 +22,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError
+
+from .errors import BridgeError
 
 metadata = sa.MetaData()
 
@@ -53,13 +58,26 @@ def _register_table_modules() -> None:
                 raise
 
 
+class LockBusy(BridgeError):
+    """Another replica holds the lock for this client and did not let go in time."""
+
+    error_type = "busy"
+    default_action = (
+        "Another replica was working on the same client for a long time. Retried "
+        "automatically; if dead-lettered, check for a stuck replica, then replay."
+    )
+
+
 class StateStore:
-    """An engine plus the few helpers every consumer needs (transactions, insert-or-ignore)."""
+    """An engine plus the few helpers every consumer needs (transactions, insert-or-ignore,
+    per-client locks)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
         self._sqlite_write_lock = threading.Lock()
+        self._memory_locks: dict[str, threading.Lock] = {}
+        self._memory_locks_guard = threading.Lock()
 
     @classmethod
     def open(cls, url: str = DEFAULT_STATE_URL, *, migrate: bool = True) -> StateStore:
@@ -147,6 +165,101 @@ class StateStore:
         statement = statement.on_conflict_do_update(index_elements=key, set_=updates, where=where)
         marker = next(iter(table.primary_key.columns))
         return conn.execute(statement.returning(marker)).first() is not None
+
+    @contextmanager
+    def client_lock(self, job: str, client_id: str, *, wait: float | None = None) -> Iterator[bool]:
+        """Hold the lock of ``job`` for ``client_id`` across every replica sharing this store.
+
+        Yields True when held. With ``wait=None`` it does not wait and yields False if another
+        holder has it; with a number it waits up to that many seconds, then raises LockBusy.
+        The lock dies with its holder: a PostgreSQL session advisory lock goes with the
+        connection, a SQLite file lock (flock) with the process — a killed replica never
+        leaves a client locked.
+        """
+        deadline = None if wait is None else time.monotonic() + wait
+        name = f"{job}:{client_id}"
+        if self.dialect == "postgresql":
+            acquire, release = self._pg_lock(name)
+        elif self.engine.url.database in (None, "", ":memory:"):
+            acquire, release = self._thread_lock(name)
+        else:
+            acquire, release = self._file_lock(name)
+        try:
+            while True:
+                if acquire():
+                    break
+                if deadline is None:
+                    yield False
+                    return
+                if time.monotonic() >= deadline:
+                    raise LockBusy(f"{job} of client {client_id} is locked by another replica")
+                time.sleep(0.2)
+            yield True
+        finally:
+            release()
+
+    def _pg_lock(self, name: str) -> tuple[Callable[[], bool], Callable[[], None]]:
+        key = zlib.crc32(name.encode()) - 2**31  # advisory locks take a signed 64-bit key
+        conn = self.engine.connect()
+        held = False
+
+        def acquire() -> bool:
+            nonlocal held
+            held = bool(
+                conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()
+            )
+            conn.commit()
+            return held
+
+        def release() -> None:
+            try:
+                if held:
+                    conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    conn.commit()
+            finally:
+                conn.close()
+
+        return acquire, release
+
+    def _file_lock(self, name: str) -> tuple[Callable[[], bool], Callable[[], None]]:
+        database = str(self.engine.url.database)
+        directory = f"{database}.locks"
+        os.makedirs(directory, exist_ok=True)
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+        handle = open(os.path.join(directory, f"{safe}.lock"), "a+")  # noqa: SIM115 - held open on purpose
+        held = False
+
+        def acquire() -> bool:
+            nonlocal held
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            held = True
+            return True
+
+        def release() -> None:
+            if held:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+
+        return acquire, release
+
+    def _thread_lock(self, name: str) -> tuple[Callable[[], bool], Callable[[], None]]:
+        with self._memory_locks_guard:
+            lock = self._memory_locks.setdefault(name, threading.Lock())
+        held = False
+
+        def acquire() -> bool:
+            nonlocal held
+            held = lock.acquire(blocking=False)
+            return held
+
+        def release() -> None:
+            if held:
+                lock.release()
+
+        return acquire, release
 
     def close(self) -> None:
         self.engine.dispose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -80,4 +81,52 @@ def test_concurrent_writers_each_insert_once(state_url: str) -> None:
     for thread in threads:
         thread.join()
     assert wins.count(True) == 1
+    store.close()
+
+
+def test_client_lock_is_exclusive_and_dies_with_a_killed_holder(state_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    store = StateStore.open(state_url)
+    with store.client_lock("order-poll", "ACME") as held:
+        assert held
+        with store.client_lock("order-poll", "ACME") as again:
+            assert not again  # a second holder (another replica) is refused
+        with store.client_lock("order-poll", "BETA") as other:
+            assert other  # other clients are independent
+    with store.client_lock("order-poll", "ACME") as held:
+        assert held  # released
+
+    marker = tmp_path / "holding"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time, pathlib\n"
+            "from cscart_fm.state import StateStore\n"
+            "store = StateStore.open(sys.argv[1])\n"
+            "with store.client_lock('order-poll', 'ACME') as held:\n"
+            "    assert held\n"
+            "    pathlib.Path(sys.argv[2]).write_text('x')\n"
+            "    time.sleep(60)\n",
+            state_url,
+            str(marker),
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with store.client_lock("order-poll", "ACME") as held:
+            assert not held
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=10)
+        with store.client_lock("order-poll", "ACME", wait=10) as held:
+            assert held  # the killed holder's lock went with it
+    finally:
+        holder.kill()
     store.close()
