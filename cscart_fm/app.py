@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from schemas.messages import _Message
 from schemas.settings import Clients, ClientSettings, load_clients
 
 from .broker import Publisher
@@ -66,6 +67,8 @@ class Services:
     state: StateStore
     publisher: Publisher
     stores: StoreClients = field(init=False)
+    success_hooks: list[Callable[[str, _Message], None]] = field(default_factory=list)
+    """Called (consumer name, event) after each message a consumer handled successfully."""
 
     def __post_init__(self) -> None:
         self.stores = StoreClients(self.clients)
@@ -77,6 +80,10 @@ class Services:
         clients = load_clients(env.clients_path)
         state = StateStore.open(env.state_url)
         return cls(env=env, clients=clients, state=state, publisher=Publisher(env.broker_url))
+
+    def message_succeeded(self, consumer: str, event: _Message) -> None:
+        for hook in self.success_hooks:
+            hook(consumer, event)
 
     def close(self) -> None:
         self.stores.close()

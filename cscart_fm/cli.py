@@ -87,6 +87,7 @@ def run(
                 max_attempts=env.max_attempts,
                 shutdown_grace=env.shutdown_grace,
             ),
+            on_success=services.message_succeeded,
         )
         health.add(f"consumer {name}", runtime.is_ready)
         runtimes.append(runtime)
@@ -225,6 +226,20 @@ def demo(
     from .demo import run_demo
 
     sys.exit(run_demo(keep=keep))
+
+
+def _register_support_commands() -> None:
+    # tick, publish and dlq live in their own module (producers and support tools).
+    try:
+        from .support_cli import register
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}.support_cli":
+            raise
+        return
+    register(app)
+
+
+_register_support_commands()
 
 
 def main() -> None:

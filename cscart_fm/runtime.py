@@ -168,8 +168,10 @@ class ConsumerRuntime(Generic[E]):
         broker_url: str,
         topology: ConsumerTopology,
         options: RuntimeOptions | None = None,
+        on_success: Callable[[str, _Message], None] | None = None,
     ) -> None:
         self.handler = handler
+        self.on_success = on_success
         self.topology = topology
         self.options = options or RuntimeOptions()
         self.broker_url = broker_url
@@ -322,6 +324,13 @@ class ConsumerRuntime(Generic[E]):
                 attempt=delivery.attempt,
             ):
                 self.handler.handle(event, delivery)  # type: ignore[arg-type]
+            if self.on_success is not None:
+                try:
+                    self.on_success(self.name, event)
+                except Exception:
+                    # Bookkeeping after success (e.g. resolving dead letters) must never
+                    # turn a done message into a failed one.
+                    self.log.exception("success hook failed", event_id=event.event_id)
         except BridgeError as exc:
             outcome.error = exc
         except Exception as exc:

@@ -93,11 +93,13 @@ def running(
     handler: Handler[Any], url: str, *, delays: tuple[int, ...] = (1,), **options: Any
 ) -> Iterator[ConsumerRuntime[Any]]:
     """A runtime consuming on a thread for the duration of the block."""
+    on_success = options.pop("on_success", None)
     runtime: ConsumerRuntime[Any] = ConsumerRuntime(
         handler,
         broker_url=url,
         topology=topology.consumer_topology(handler.consumer, delays),
         options=RuntimeOptions(**options),
+        on_success=on_success,
     )
     thread = threading.Thread(target=runtime.run, daemon=True)
     thread.start()

@@ -90,6 +90,7 @@ def consumer(services: Services, name: str, **options: Any) -> Iterator[Consumer
     """The named consumer running in this process on the real broker (retry delay 1 s)."""
     handler = handler_factory(name)(services)
     options.setdefault("max_attempts", services.env.max_attempts)
+    options.setdefault("on_success", services.message_succeeded)
     with running(handler, services.env.broker_url, delays=services.env.retry_delays,
                  **options) as runtime:
         yield runtime
