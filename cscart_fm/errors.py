@@ -155,6 +155,17 @@ class StoreMismatch(BridgeError):
     )
 
 
+class Busy(BridgeError):
+    """Another replica holds the lock for this client and did not let go in time."""
+
+    error_type = "busy"
+    fate = Fate.RETRY
+    default_action = (
+        "Another replica was working on the same client for a long time. Retried "
+        "automatically; if dead-lettered, check for a stuck replica, then replay."
+    )
+
+
 class SettingsError(Exception):
     """The clients file or the environment is wrong: the service refuses to start."""
 
@@ -172,5 +183,6 @@ ERROR_TYPES: tuple[type[BridgeError], ...] = (
     StoreRefused,
     NotFound,
     StoreMismatch,
+    Busy,
 )
 """Every error type, for documentation, runbooks and tests (one fate each)."""

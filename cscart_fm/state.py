@@ -21,9 +21,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
-from .errors import BridgeError
+from .errors import Busy
 
 metadata = sa.MetaData()
 
@@ -58,14 +58,7 @@ def _register_table_modules() -> None:
                 raise
 
 
-class LockBusy(BridgeError):
-    """Another replica holds the lock for this client and did not let go in time."""
-
-    error_type = "busy"
-    default_action = (
-        "Another replica was working on the same client for a long time. Retried "
-        "automatically; if dead-lettered, check for a stuck replica, then replay."
-    )
+LockBusy = Busy  # the name the consumers know it by
 
 
 class StateStore:
@@ -107,6 +100,10 @@ class StateStore:
         for attempt in range(5):
             try:
                 with self.engine.begin() as conn:
+                    if self.dialect == "postgresql":
+                        # Replicas starting together take turns: concurrent CREATE TABLE on
+                        # PostgreSQL fails with a unique violation in its catalogue.
+                        conn.execute(sa.text("SELECT pg_advisory_xact_lock(4242424242)"))
                     metadata.create_all(conn)
                     current = conn.execute(
                         sa.select(sa.func.max(schema_version.c.version))
@@ -122,8 +119,8 @@ class StateStore:
                             schema_version.insert().values(version=number + 1, applied_at=utcnow())
                         )
                     return len(MIGRATIONS)
-            except OperationalError:
-                # Two replicas starting at once may race on CREATE TABLE: try again.
+            except (OperationalError, IntegrityError):
+                # SQLite replicas starting at once may still race on CREATE TABLE: try again.
                 if attempt == 4:
                     raise
                 time.sleep(0.2 * (attempt + 1))

@@ -130,3 +130,26 @@ def test_client_lock_is_exclusive_and_dies_with_a_killed_holder(state_url: str, 
     finally:
         holder.kill()
     store.close()
+
+
+def test_replicas_starting_together_all_start(state_url: str) -> None:
+    """Three Deployments start at once on a fresh database: none crashes on the schema."""
+    errors: list[BaseException] = []
+    stores: list[StateStore] = []
+
+    def start() -> None:
+        try:
+            stores.append(StateStore.open(state_url))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    with stores[0].engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(schema_version)).scalar_one() == 1
+    for store in stores:
+        store.close()
