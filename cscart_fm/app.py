@@ -17,6 +17,7 @@ from schemas.settings import Clients, ClientSettings, load_clients
 
 from .broker import Publisher
 from .config import Environment
+from .dead_letters import DeadLetterResolver
 from .errors import SettingsError
 from .observability import register_secret
 from .runtime import Handler
@@ -74,6 +75,8 @@ class Services:
         self.stores = StoreClients(self.clients)
         for settings in self.clients.values():
             register_secret(settings.api_key.get_secret_value())
+        # A dead letter whose key (client + order/shipment) later succeeds is marked resolved.
+        self.success_hooks.append(DeadLetterResolver(self.state))
 
     @classmethod
     def from_environment(cls, env: Environment) -> Services:

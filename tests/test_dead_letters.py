@@ -1,0 +1,717 @@
+"""Dead letters support staff can work with, on a real RabbitMQ and the state store.
+
+Dead letters are made the real way: small handlers on the real consumer runtime fail with
+each error type (and the broker dead-letters one itself past ``x-delivery-limit``); support
+then works through ``cscart-fm dlq``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from cscart.emulator import StoreEmulator
+from cscart_fm import dead_letters as dl
+from cscart_fm.broker import Publisher
+from cscart_fm.dead_letters import DeadLetterResolver, Filter, collect, find
+from cscart_fm.errors import (
+    NotFound,
+    StoreMismatch,
+    StoreRefused,
+    StoreUnauthorized,
+    StoreUnreachable,
+    UnknownClient,
+)
+from cscart_fm.state import StateStore
+from schemas.messages import parse_event
+
+from .support.broker import declare, depth, publish_json, running, shipment_event, wait_for
+from .support.dlq_handlers import (
+    Planned,
+    StockChecker,
+    cli,
+    exceed_delivery_limit,
+    logging_restored,
+    order_imported_body,
+    stock_event,
+)
+from .support.pipeline import client_doc, make_services
+
+pytestmark = [pytest.mark.broker, pytest.mark.postgres]
+
+WORK = "cscart.shipment-lodged"
+DLQ = "cscart.shipment-lodged.dlq"
+STOCK_DLQ = "cscart.stock-snapshot.dlq"
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    with logging_restored():
+        yield
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'state.sqlite'}"
+
+
+def support_env(broker_url: str, state_url: str) -> dict[str, str]:
+    return {
+        "CSCART_FM_BROKER_URL": broker_url,
+        "CSCART_FM_STATE_URL": state_url,
+        "CSCART_FM_RETRY_DELAYS": "1",
+        "CSCART_FM_CLIENTS": "/nonexistent/clients.yaml",  # support needs no clients file
+    }
+
+
+def dlq_json(env: dict[str, str], *args: str) -> Any:
+    result = cli(env, "dlq", *args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def rows(state_url: str, **where: Any) -> list[dl.DeadLetter]:
+    store = StateStore.open(state_url)
+    try:
+        return find(store, Filter(**where))
+    finally:
+        store.close()
+
+
+# --- every error type, with its reason --------------------------------------------------------
+
+
+def test_a_dead_letter_of_each_error_type_appears_with_its_reason(
+    broker_url: str, state_url: str
+) -> None:
+    declare(broker_url)
+    # The broker's own dead letter: a message that kept coming back (a consumer killed
+    # holding it) past x-delivery-limit.
+    publish_json(broker_url, shipment_event("S-LIMIT"), "shipment.lodged")
+    exceed_delivery_limit(broker_url, WORK)
+    wait_for(lambda: depth(broker_url, DLQ) == 1)
+
+    handler = Planned(
+        {
+            "S-404": NotFound("orders.get: HTTP 404 Not Found (order 1000012)"),
+            "S-MISMATCH": StoreMismatch("SKU Test009 is not on order CS1000012"),
+            "S-400": StoreRefused("shipments.create: HTTP 400 (order_id: unknown)", status=400),
+            "S-401": StoreUnauthorized("orders.get: HTTP 401 Unauthorized", status=401),
+            "S-503": StoreUnreachable("orders.get: HTTP 503 Service Unavailable"),
+            "S-NOPE": UnknownClient("client_id 'NOPE' is not in the clients file"),
+        }
+    )
+    with running(handler, broker_url, max_attempts=2):
+        for ref in ("S-404", "S-MISMATCH", "S-400", "S-401", "S-503"):
+            publish_json(broker_url, shipment_event(ref), "shipment.lodged")
+        publish_json(broker_url, shipment_event("S-NOPE", client_id="NOPE"), "shipment.lodged")
+        bad = shipment_event("S-BAD", lines=[{"sku": "Test001", "quantity": "2"}])
+        publish_json(broker_url, bad, "shipment.lodged")
+        wait_for(lambda: depth(broker_url, DLQ) == 8, timeout=30)
+
+    env = support_env(broker_url, state_url)
+    listed = dlq_json(env, "list")
+    assert depth(broker_url, DLQ) == 0  # collected: now kept in the state store
+    by_type = {row["error_type"]: row for row in listed}
+    assert set(by_type) == {
+        "not-found",
+        "store-mismatch",
+        "store-refused",
+        "store-unauthorized",
+        "store-unreachable",
+        "unknown-client",
+        "invalid-message",
+        "delivery-limit",
+    }
+    assert by_type["not-found"]["reason"] == "orders.get: HTTP 404 Not Found (order 1000012)"
+    assert by_type["store-mismatch"]["reason"] == "SKU Test009 is not on order CS1000012"
+    assert by_type["store-refused"]["reason"].startswith("shipments.create: HTTP 400")
+    assert by_type["store-unauthorized"]["reason"] == "orders.get: HTTP 401 Unauthorized"
+    assert by_type["store-unreachable"]["reason"] == (
+        "gave up after 2 attempts: orders.get: HTTP 503 Service Unavailable"
+    )
+    assert by_type["store-unreachable"]["attempts"] == 2
+    assert by_type["unknown-client"]["client_id"] == "NOPE"
+    assert "lines.0.quantity" in by_type["invalid-message"]["reason"]
+    assert by_type["invalid-message"]["client_id"] == "ACME"  # read from the body
+    assert "too many times" in by_type["delivery-limit"]["reason"]
+    assert by_type["delivery-limit"]["attempts"] == 21  # past x-delivery-limit 20
+    assert all(row["status"] == "open" and row["consumer"] == "shipment-lodged" for row in listed)
+
+    # What support reads: a table, and each one in plain words with what to do.
+    table = cli(env, "dlq", "list")
+    assert table.exit_code == 0, table.output
+    assert table.stdout.splitlines()[0].split() == [
+        "ID", "DEAD-LETTERED", "(UTC)", "CONSUMER", "CLIENT", "ERROR", "TYPE", "REASON", "STATUS",
+    ]  # fmt: skip
+    for error_type in by_type:
+        assert error_type in table.stdout
+    assert "8 open dead letter(s)" in table.stdout
+
+    unauthorized = cli(env, "dlq", "show", str(by_type["store-unauthorized"]["id"]))
+    assert unauthorized.exit_code == 0, unauthorized.output
+    text = unauthorized.stdout
+    assert "What happened: The shipment-lodged consumer could not process this shipment.lodged " \
+        "message for client ACME: the store refused the API credentials." in text
+    assert "What to do: The store refused the API credentials (HTTP 401)" in text
+    assert "cscart-fm dlq replay" in text
+    assert "Attempts: 1" in text
+    assert '"shipment_ref": "S-401"' in text
+
+    limit = dlq_json(env, "show", str(by_type["delivery-limit"]["id"]))
+    assert limit["x_death"][0]["reason"] == "delivery_limit"
+    assert limit["x_death"][0]["queue"] == WORK
+    assert limit["original_exchange"] == "fm.events"
+    assert limit["original_routing_key"] == "shipment.lodged"
+    assert "developers" in limit["action"]
+    limit_text = cli(env, "dlq", "show", str(by_type["delivery-limit"]["id"])).stdout
+    assert "History (x-death" in limit_text and "delivery_limit" in limit_text
+
+    exhausted = dlq_json(env, "show", str(by_type["store-unreachable"]["id"]))
+    assert exhausted["attempts"] == 2
+    assert any(d["reason"] == "expired" for d in exhausted["x_death"])  # its delay queue
+
+    stats = dlq_json(env, "stats")
+    assert stats["by_status"]["open"] == 8
+    assert stats["open_by_client"] == {"ACME": 7, "NOPE": 1}
+
+    assert len(dlq_json(env, "list", "--type", "not-found")) == 1
+    assert len(dlq_json(env, "list", "--client", "NOPE")) == 1
+    assert len(dlq_json(env, "list", "--consumer", "stock-snapshot")) == 0
+    assert len(dlq_json(env, "list", "--since", "2000-01-01")) == 8
+    assert len(dlq_json(env, "list", "--until", "2000-01-01")) == 0
+
+
+def test_personal_data_is_masked_in_list_and_show_unless_revealed(
+    broker_url: str, sqlite_url: str
+) -> None:
+    declare(broker_url)
+    handler = Planned()
+    with running(handler, broker_url):
+        # An order published on the shipment route: invalid here, and full of personal data.
+        publish_json(broker_url, order_imported_body(), "shipment.lodged")
+        wait_for(lambda: depth(broker_url, DLQ) == 1)
+    env = support_env(broker_url, sqlite_url)
+    listing = cli(env, "dlq", "list")
+    [row] = dlq_json(env, "list")
+    shown = cli(env, "dlq", "show", str(row["id"]))
+    shown_json = dlq_json(env, "show", str(row["id"]))
+    for output in (listing.stdout, shown.stdout, json.dumps(shown_json)):
+        for personal in ("jane@example.com", "Jane Citizen", "1 George St", "Sydney", "0400 000 123"):
+            assert personal not in output
+    assert "j***@example.com" in shown.stdout
+    assert shown_json["payload"]["ship_to"]["name"] == "J*** C***"
+    assert shown_json["payload"]["ship_to"]["phone"] == "***23"
+    assert shown_json["payload"]["ship_to"]["country"] == "AU"  # kept: not personal
+    assert shown_json["payload"]["lines"][0]["sku"] == "Test001"
+    assert "personal data masked" in shown.stdout
+
+    revealed = cli(env, "dlq", "show", str(row["id"]), "--reveal")
+    assert "jane@example.com" in revealed.stdout and "1 George St" in revealed.stdout
+
+
+# --- replay ------------------------------------------------------------------------------------
+
+
+def test_replay_of_one_reaches_the_consumer_and_succeeds_once_the_cause_is_fixed(
+    broker_url: str, state_url: str
+) -> None:
+    declare(broker_url)
+    env = support_env(broker_url, state_url)
+    store = StateStore.open(state_url)
+    with StoreEmulator() as emu, running(
+        StockChecker(emu), broker_url, on_success=DeadLetterResolver(store)
+    ) as runtime:
+        handler: StockChecker = runtime.handler  # type: ignore[assignment]
+        publish_json(broker_url, stock_event("snap-1", "NEW-1"), "stock.snapshot")
+        wait_for(lambda: depth(broker_url, STOCK_DLQ) == 1)
+        [first] = dlq_json(env, "list")
+        assert first["error_type"] == "not-found"
+        assert "NEW-1" in first["reason"]
+
+        # Replayed before the fix: it fails again and comes back as a new dead letter that
+        # knows it was replayed (our replay counter) and from which one.
+        result = cli(env, "dlq", "replay", str(first["id"]))
+        assert result.exit_code == 0, result.output
+        assert f"replayed {first['id']} (stock-snapshot, ACME, not-found)" in result.stdout
+        wait_for(lambda: depth(broker_url, STOCK_DLQ) == 1)
+        [again] = dlq_json(env, "list")
+        assert again["id"] != first["id"]
+        again_details = dlq_json(env, "show", str(again["id"]))
+        assert again_details["previous_replays"] == 1
+        assert again_details["replay_of"] == first["id"]
+        assert again_details["headers"]["cscart-replay-count"] == 1
+        assert dlq_json(env, "show", str(first["id"]))["status"] == "replayed"
+
+        emu.add_product("NEW-1", 0)  # support fixed the cause in the store
+        result = cli(env, "dlq", "replay", str(again["id"]))
+        assert result.exit_code == 0, result.output
+        wait_for(lambda: handler.applied == ["snap-1"])
+        assert emu.product_by_code("NEW-1")["amount"] == 7  # type: ignore[index]
+
+    # The success resolved both dead letters of that snapshot.
+    states = {row.id: row for row in rows(state_url, statuses=dl.STATUSES)}
+    assert states[first["id"]].status == "resolved"
+    assert states[again["id"]].status == "resolved"
+    assert states[again["id"]].replay_count == 1
+    assert states[again["id"]].last_replayed_at is not None
+    assert states[again["id"]].resolved_by == "stock-snapshot:snap-1"
+    assert dlq_json(env, "list") == []
+    store.close()
+
+
+def test_replay_of_a_filter_replays_only_what_it_selects(
+    broker_url: str, sqlite_url: str
+) -> None:
+    declare(broker_url)
+    env = support_env(broker_url, sqlite_url)
+    store = StateStore.open(sqlite_url)
+    missing = NotFound("orders.get: HTTP 404 Not Found")
+    handler = Planned({ref: missing for ref in ("A1", "A2", "A3", "B1", "B2")})
+    with running(handler, broker_url, on_success=DeadLetterResolver(store)):
+        for ref in ("A1", "A2", "A3"):
+            publish_json(broker_url, shipment_event(ref), "shipment.lodged")
+        for ref in ("B1", "B2"):
+            publish_json(broker_url, shipment_event(ref, client_id="BETA"), "shipment.lodged")
+        wait_for(lambda: depth(broker_url, DLQ) == 5)
+
+        refused = cli(env, "dlq", "replay")
+        assert refused.exit_code == 2
+        assert "say which dead letters to replay" in refused.stderr
+
+        dry = cli(env, "dlq", "replay", "--client", "ACME", "--dry-run")
+        assert dry.exit_code == 0 and "3 dead letter(s) would be replayed" in dry.stdout
+
+        handler.fix()  # e.g. the orders were created in the store
+        result = dlq_json(env, "replay", "--client", "ACME", "--type", "not-found")
+        assert len(result["replayed"]) == 3 and result["failed"] == {}
+        wait_for(lambda: handler.created == {"A1", "A2", "A3"})
+        wait_for(lambda: {r["client_id"] for r in dlq_json(env, "list")} == {"BETA"})
+    assert handler.calls == {"A1": 2, "A2": 2, "A3": 2, "B1": 1, "B2": 1}
+    wait_for(lambda: [r.status for r in rows(sqlite_url, client_id="ACME")] == ["resolved"] * 3)
+    assert [r.status for r in rows(sqlite_url, client_id="BETA")] == ["open"] * 2
+    store.close()
+
+
+def test_discard_keeps_the_reason_and_who(broker_url: str, state_url: str) -> None:
+    declare(broker_url)
+    env = support_env(broker_url, state_url)
+    handler = Planned({"D1": StoreMismatch("more shipped than ordered for Test001")})
+    with running(handler, broker_url):
+        publish_json(broker_url, shipment_event("D1"), "shipment.lodged")
+        wait_for(lambda: depth(broker_url, DLQ) == 1)
+    [row] = dlq_json(env, "list")
+
+    no_reason = cli(env, "dlq", "discard", str(row["id"]))
+    assert no_reason.exit_code == 2 and "--reason is required" in no_reason.stderr
+
+    result = cli(
+        env, "dlq", "discard", str(row["id"]), "--reason", "FM resent it as D1b", "--by", "alice"
+    )
+    assert result.exit_code == 0, result.output
+    assert "discarded" in result.stdout and "FM resent it as D1b" in result.stdout
+
+    assert dlq_json(env, "list") == []
+    [kept] = dlq_json(env, "list", "--status", "discarded")
+    assert kept["id"] == row["id"]
+    details = dlq_json(env, "show", str(row["id"]))
+    assert details["status"] == "discarded"
+    assert details["discard_reason"] == "FM resent it as D1b"
+    assert details["discarded_by"] == "alice"
+    assert details["discarded_at"]
+    text = cli(env, "dlq", "show", str(row["id"])).stdout
+    assert "Discarded: by alice" in text and "because: FM resent it as D1b" in text
+
+    # Neither --all nor an id replays it by accident; --force does.
+    assert dlq_json(env, "replay", "--all")["replayed"] == []
+    refused = cli(env, "dlq", "replay", str(row["id"]))
+    assert refused.exit_code == 2 and "is discarded" in refused.stderr
+    assert dlq_json(env, "stats")["by_status"]["discarded"] == 1
+    assert depth(broker_url, WORK) == 0
+
+
+def test_replay_under_a_broker_restart_loses_nothing_and_doubles_nothing(
+    broker_url: str, sqlite_url: str
+) -> None:
+    """Connections are dropped twice while 120 dead letters are replayed (the broker is shared
+    with other test runs, so its connections on our vhost are closed rather than the whole
+    node stopped): each message reaches the consumer and succeeds, each dead letter is
+    replayed exactly once, and the consumer's effect happens once per shipment."""
+    declare(broker_url)
+    count = 120
+    refs = [f"R{i:03d}" for i in range(count)]
+    store = StateStore.open(sqlite_url)
+    handler = Planned({ref: NotFound("orders.get: HTTP 404 Not Found") for ref in refs})
+    vhost = broker_url.rsplit("/", 1)[1]
+
+    class CountingPublisher(Publisher):
+        reconnects = 0
+
+        def _reset(self) -> None:
+            CountingPublisher.reconnects += 1
+            super()._reset()
+
+    def restart_broker_connections() -> None:
+        subprocess.run(
+            ["rabbitmqctl", "close_all_connections", "-p", vhost, "test: broker restart"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+
+    with running(
+        handler, broker_url, on_success=DeadLetterResolver(store), heartbeat=5
+    ) as runtime:
+        for ref in refs:
+            publish_json(broker_url, shipment_event(ref), "shipment.lodged")
+        wait_for(lambda: depth(broker_url, DLQ) == count, timeout=60)
+        assert collect(store, broker_url).total_new == count
+        handler.fix()
+
+        letters = find(store, Filter(statuses=["open"]))
+        publisher = CountingPublisher(broker_url)
+
+        def slow_and_interrupted(letter: dl.DeadLetter) -> None:
+            if letter.id in (letters[30].id, letters[80].id):
+                restart_broker_connections()  # the next replays meet a dropped connection
+            time.sleep(0.01)
+
+        report = dl.replay(store, publisher, letters, on_replayed=slow_and_interrupted)
+        publisher.close()
+        assert report.failed == {}
+        assert len(report.replayed) == count
+        wait_for(lambda: runtime.ready, timeout=40)
+        wait_for(lambda: handler.created == set(refs), timeout=60)
+        wait_for(lambda: depth(broker_url, WORK) == 0, timeout=30)
+
+    assert CountingPublisher.reconnects >= 2  # the drops did hit the replay
+    # Nothing lost: every message came back and succeeded; nothing dead-lettered again.
+    assert handler.created == set(refs)
+    assert depth(broker_url, DLQ) == 0
+    stored = find(store, Filter(statuses=dl.STATUSES))
+    assert len(stored) == count  # no dead letter stored twice
+    assert {row.status for row in stored} == {"resolved"}
+    # Nothing doubled: each dead letter was replayed once; the effect happened once per
+    # shipment (a redelivery after a dropped connection is a no-op, as in the real consumer).
+    assert {row.replay_count for row in stored} == {1}
+    replayed_deliveries = sum(handler.calls.values()) - count  # minus the first attempts
+    assert count <= replayed_deliveries <= count + 2 * 5  # at most prefetch+1 per drop
+    store.close()
+
+
+# --- resolve and collection ----------------------------------------------------------------------
+
+
+def test_a_dead_letter_whose_key_later_succeeds_is_resolved(
+    broker_url: str, sqlite_url: str
+) -> None:
+    """FM resends the shipment (a new event, the same shipment_ref) after fixing it: the
+    success resolves the dead letter through the hook Services installs."""
+    declare(broker_url)
+    env = support_env(broker_url, sqlite_url)
+    services = make_services(broker_url, sqlite_url, [client_doc("http://127.0.0.1:9")])
+    assert any(isinstance(hook, DeadLetterResolver) for hook in services.success_hooks)
+    handler = Planned({"K1": [NotFound("orders.get: HTTP 404 Not Found")]})
+    try:
+        with running(handler, broker_url, on_success=services.message_succeeded):
+            publish_json(broker_url, shipment_event("K1"), "shipment.lodged")
+            publish_json(broker_url, shipment_event("K2"), "shipment.lodged")
+            wait_for(lambda: depth(broker_url, DLQ) == 1)
+            [row] = dlq_json(env, "list")
+            assert row["status"] == "open"
+            publish_json(
+                broker_url, shipment_event("K1", event_id="evt-K1-resent"), "shipment.lodged"
+            )
+            wait_for(lambda: "K1" in handler.created)
+            wait_for(lambda: dlq_json(env, "list") == [])
+    finally:
+        services.close()
+    [resolved] = dlq_json(env, "list", "--status", "resolved")
+    details = dlq_json(env, "show", str(resolved["id"]))
+    assert details["resolved_by"] == "shipment-lodged:evt-K1-resent"
+    assert details["key"] == "shipment:ACME:K1"
+    assert "Resolved:" in cli(env, "dlq", "show", str(resolved["id"])).stdout
+
+
+def test_collection_survives_a_crash_between_commit_and_ack(
+    broker_url: str, state_url: str
+) -> None:
+    declare(broker_url)
+    handler = Planned({ref: NotFound("no order") for ref in ("C1", "C2", "C3")})
+    with running(handler, broker_url):
+        for ref in ("C1", "C2", "C3"):
+            publish_json(broker_url, shipment_event(ref), "shipment.lodged")
+        wait_for(lambda: depth(broker_url, DLQ) == 3)
+    store = StateStore.open(state_url)
+
+    def crash() -> None:
+        raise RuntimeError("killed before the ack")
+
+    with pytest.raises(RuntimeError):
+        collect(store, broker_url, ["shipment-lodged"], before_ack=crash)
+    assert len(find(store, Filter())) == 3  # stored...
+    wait_for(lambda: depth(broker_url, DLQ) == 3)  # ...and still in the queue
+    again = collect(store, broker_url)
+    assert again.new == {"shipment-lodged": 0}
+    assert again.already_stored == {"shipment-lodged": 3}
+    assert depth(broker_url, DLQ) == 0
+    assert len(find(store, Filter())) == 3  # never twice
+    store.close()
+
+
+def test_dlq_commands_work_on_what_is_stored_when_the_broker_is_unreachable(
+    broker_url: str, sqlite_url: str
+) -> None:
+    declare(broker_url)
+    handler = Planned({"U1": NotFound("no order")})
+    with running(handler, broker_url):
+        publish_json(broker_url, shipment_event("U1"), "shipment.lodged")
+        wait_for(lambda: depth(broker_url, DLQ) == 1)
+    assert len(dlq_json(support_env(broker_url, sqlite_url), "list")) == 1
+    offline = support_env("amqp://guest:guest@127.0.0.1:1//", sqlite_url)
+    result = cli(offline, "dlq", "list")
+    assert result.exit_code == 0
+    assert "could not collect new dead letters" in result.stderr
+    assert "not-found" in result.stdout
+    missing = cli(offline, "dlq", "show", "999", "--no-collect")
+    assert missing.exit_code == 2 and "no dead letter 999" in missing.stderr
+
+
+# --- the storage itself (SQLite and PostgreSQL) ----------------------------------------------------
+
+
+def _runtime_headers(**extra: Any) -> dict[str, Any]:
+    return {
+        "schema": "shipment.lodged/1",
+        "cscart-error-type": "not-found",
+        "cscart-reason": "orders.get: HTTP 404 for jane@example.com",
+        "cscart-action": "Create the order, then replay.",
+        "cscart-consumer": "shipment-lodged",
+        "cscart-attempts": 1,
+        "cscart-client-id": "ACME",
+        "cscart-dead-lettered-at": "2026-11-23T04:00:00+00:00",
+        "cscart-original-exchange": "fm.events",
+        "cscart-original-routing-key": "shipment.lodged",
+        **extra,
+    }
+
+
+def test_storage_deduplicates_filters_and_resolves(state_url: str) -> None:
+    store = StateStore.open(state_url)
+    body = json.dumps(shipment_event("Z1")).encode()
+    props = {"message_id": "evt-Z1", "content_type": "application/json"}
+    first = dl.record_of("shipment-lodged", body, _runtime_headers(), props)
+    redelivered = dl.record_of(
+        "shipment-lodged", body, {**_runtime_headers(), "x-delivery-count": 1}, props
+    )
+    failed_again = dl.record_of(
+        "shipment-lodged",
+        body,
+        _runtime_headers(**{"cscart-replay-count": 1, "cscart-replay-of": 1}),
+        props,
+    )
+    assert first["fingerprint"] == redelivered["fingerprint"]
+    assert first["fingerprint"] != failed_again["fingerprint"]
+    assert first["key"] == "shipment:ACME:Z1"
+    assert first["reason"] == "orders.get: HTTP 404 for j***@example.com"
+    with store.transaction() as conn:
+        assert store.insert_ignore(conn, dl.dead_letters, first)
+        assert not store.insert_ignore(conn, dl.dead_letters, redelivered)
+        assert store.insert_ignore(conn, dl.dead_letters, failed_again)
+        other = dl.record_of(
+            "shipment-lodged",
+            json.dumps(shipment_event("Z2", client_id="BETA")).encode(),
+            _runtime_headers(
+                **{"cscart-dead-lettered-at": "2026-11-25T04:00:00+00:00", "cscart-client-id": "BETA"}
+            ),
+            {"message_id": "evt-Z2"},
+        )
+        store.insert_ignore(conn, dl.dead_letters, other)
+
+    from datetime import UTC, datetime
+
+    assert len(find(store, Filter())) == 3
+    assert len(find(store, Filter(client_id="BETA"))) == 1
+    assert len(find(store, Filter(since=datetime(2026, 11, 24, tzinfo=UTC)))) == 1
+    assert len(find(store, Filter(until=datetime(2026, 11, 24, tzinfo=UTC)))) == 2
+    [z2] = find(store, Filter(client_id="BETA"))
+    assert z2.dead_lettered_at == datetime(2026, 11, 25, 4, tzinfo=UTC)
+    assert z2.body == json.dumps(shipment_event("Z2", client_id="BETA")).encode()
+
+    resolver = DeadLetterResolver(store)
+    resolver("shipment-lodged", parse_event(json.dumps(shipment_event("Z1", event_id="e9"))))
+    statuses = {row.key: row.status for row in find(store, Filter())}
+    assert statuses == {"shipment:ACME:Z1": "resolved", "shipment:BETA:Z2": "open"}
+    assert len(find(store, Filter(statuses=["resolved"]))) == 2
+    # Discarded ones stay discarded whatever succeeds later.
+    assert dl.discard(store, [z2.id], reason="duplicate", by="bob") == [z2.id]
+    resolver("shipment-lodged", parse_event(json.dumps(shipment_event("Z2", client_id="BETA"))))
+    assert dl.get(store, z2.id).status == "discarded"  # type: ignore[union-attr]
+    with store.engine.connect() as conn:
+        indexes = {ix["name"] for ix in sa.inspect(conn).get_indexes("dead_letters")}
+    assert "ix_dead_letters_key_status" in indexes
+    store.close()
+
+
+def test_keys_and_masking() -> None:
+    tick = {"type": "order-poll.tick", "version": 1, "event_id": "t1", "client_id": "ACME"}
+    assert dl.key_of_document(tick) == "order-poll:ACME"
+    assert dl.key_of_document(stock_event("s1", "X")) == "stock:ACME:s1"
+    assert dl.key_of_document(order_imported_body()) == "order:ACME:1000012"
+    assert dl.key_of_document({"type": "shipment.lodged", "client_id": "ACME"}) is None
+    assert dl.key_of_document(["not", "an", "object"]) is None
+    event = parse_event(json.dumps(shipment_event(" S9 ")))
+    assert dl.key_of_event(event) == dl.key_of_document(shipment_event("S9")) == "shipment:ACME:S9"
+
+    masked = dl.mask_payload(order_imported_body())
+    assert masked["customer"] == {"name": "J*** C***", "email": "j***@example.com", "phone": "***23"}
+    assert masked["bill_to"]["address1"] == "***"
+    assert masked["bill_to"]["postcode"] == "***"
+    assert masked["bill_to"]["state"] == "NSW"
+    assert masked["notes"] == "***"
+    assert masked["totals"] == order_imported_body()["totals"]
+
+
+# --- end to end with the real shipment consumer ---------------------------------------------------
+
+
+def test_end_to_end_replay_with_the_real_shipment_consumer(
+    broker_url: str, sqlite_url: str
+) -> None:
+    """Shipments for orders the store does not have yet are dead-lettered (not-found); the
+    orders are created; ``dlq replay --all`` sends them back while the broker drops every
+    connection mid-way; exactly one shipment per order results, and the dead letters end
+    resolved through the hook Services installs."""
+    pytest.importorskip("consumers.shipment_lodged")
+    from cscart_fm import metrics
+
+    from .support.pipeline import API_KEY, API_USER, consumer
+
+    declare(broker_url)
+    env = support_env(broker_url, sqlite_url)
+    orders = list(range(1000100, 1000110))
+    vhost = broker_url.rsplit("/", 1)[1]
+    emu = StoreEmulator(api_user=API_USER, api_key=API_KEY)
+    emu.add_product("Test001", 100)
+    with emu:
+        services = make_services(broker_url, sqlite_url, [client_doc(emu.url)])
+        try:
+            with consumer(services, "shipment-lodged"):
+                for order_id in orders:
+                    body = shipment_event(
+                        f"E2E-{order_id}", order_no=f"CS{order_id}", cart_order_id=order_id
+                    )
+                    publish_json(broker_url, body, "shipment.lodged")
+                wait_for(lambda: depth(broker_url, DLQ) == len(orders), timeout=60)
+                listed = dlq_json(env, "list")
+                assert {row["error_type"] for row in listed} == {"not-found"}
+                assert all(emu.shipments_for(order_id) == [] for order_id in orders)
+
+                for order_id in orders:  # support had the orders fixed in the store
+                    emu.add_order(
+                        order_id=order_id, products=[{"product_code": "Test001", "amount": 2}]
+                    )
+                ok = metrics.MESSAGES.labels("shipment-lodged", "ok")
+                before = ok._value.get()
+                replayer = threading.Thread(
+                    target=cli, args=(env, "dlq", "replay", "--all"), daemon=True
+                )
+                replayer.start()
+                wait_for(lambda: ok._value.get() > before, timeout=30)
+                subprocess.run(
+                    ["rabbitmqctl", "close_all_connections", "-p", vhost, "test: restart"],
+                    check=True,
+                    capture_output=True,
+                    timeout=60,
+                )
+                replayer.join(timeout=120)
+                # Whatever the drop interrupted is still open: replaying again is safe.
+                cli(env, "dlq", "replay", "--all")
+                wait_for(
+                    lambda: all(len(emu.shipments_for(o)) == 1 for o in orders), timeout=60
+                )
+                wait_for(
+                    lambda: len(dlq_json(env, "list", "--status", "resolved")) == len(orders),
+                    timeout=30,
+                )
+                # Replaying a resolved one again (forced) changes nothing in the store.
+                first = listed[0]["id"]
+                before = ok._value.get()
+                assert cli(env, "dlq", "replay", str(first), "--force").exit_code == 0
+                wait_for(lambda: ok._value.get() > before, timeout=30)
+        finally:
+            services.close()
+    assert all(len(emu.shipments_for(o)) == 1 for o in orders)
+    assert dlq_json(env, "list") == []
+    assert depth(broker_url, DLQ) == 0
+    assert emu.errors == []
+
+
+class FlakyPublisher:
+    """A publisher whose broker is away for the first ``down`` publishes."""
+
+    def __init__(self, down: int) -> None:
+        self.down = down
+        self.published: list[tuple[bytes, str, str, dict[str, Any]]] = []
+
+    def publish_raw(
+        self, body: bytes, *, exchange: str, routing_key: str, properties: dict[str, Any]
+    ) -> None:
+        if self.down > 0:
+            self.down -= 1
+            raise ConnectionRefusedError(111, "Connection refused")
+        self.published.append((body, exchange, routing_key, properties))
+
+
+def _stored(store: StateStore, *refs: str) -> list[dl.DeadLetter]:
+    with store.transaction() as conn:
+        for ref in refs:
+            row = dl.record_of(
+                "shipment-lodged",
+                json.dumps(shipment_event(ref)).encode(),
+                _runtime_headers(**{"cscart-attempt": 3, "x-death": [{"queue": "q", "count": 1}]}),
+                {"message_id": f"evt-{ref}", "content_type": "application/json",
+                 "expiration": "1000", "user_id": "someone-else"},
+            )
+            store.insert_ignore(conn, dl.dead_letters, row)
+    return find(store, Filter())
+
+
+def test_a_replay_waits_for_the_broker_and_never_marks_what_was_not_confirmed(
+    sqlite_url: str,
+) -> None:
+    waited: list[float] = []
+    store = StateStore.open(sqlite_url)
+    first, second = _stored(store, "F1", "F2")
+
+    # The broker comes back within the patience: replayed once, marked once.
+    publisher = FlakyPublisher(down=3)
+    report = dl.replay(store, publisher, [first], patience=30, sleep=waited.append)  # type: ignore[arg-type]
+    assert report.replayed == [first.id]
+    assert waited == [0.5, 1.0, 2.0]  # backing off while the broker is away
+    [(body, exchange, routing_key, props)] = publisher.published
+    assert (body, exchange, routing_key) == (first.body, "fm.events", "shipment.lodged")
+    assert props["headers"] == {
+        "schema": "shipment.lodged/1",
+        "cscart-replay-count": 1,
+        "cscart-replay-of": first.id,
+    }  # our dead-letter headers, the retry counter and the broker's x- headers are dropped
+    assert props["delivery_mode"] == 2 and props["message_id"] == "evt-F1"
+    assert "expiration" not in props and "user_id" not in props
+    assert dl.get(store, first.id).status == "replayed"  # type: ignore[union-attr]
+
+    # The broker stays away: nothing is marked, the rest is not even tried.
+    report = dl.replay(store, FlakyPublisher(down=10**6), [second, first], patience=0.2)  # type: ignore[arg-type]
+    assert report.replayed == [] and list(report.failed) == [second.id]
+    assert "stays open" in report.failed[second.id]
+    assert dl.get(store, second.id).status == "open"  # type: ignore[union-attr]
+    assert dl.get(store, first.id).replay_count == 1  # type: ignore[union-attr]
+    store.close()
