@@ -39,6 +39,7 @@ def run(
 
     from . import topology
     from .app import Services, available_consumers, handler_factory
+    from .dead_letters import DeadLetterCollector
     from .observability import Health, configure_logging, serve_metrics
     from .runtime import ConsumerRuntime, RuntimeOptions, run_until_stopped, stop_on_signals
 
@@ -91,10 +92,15 @@ def run(
         )
         health.add(f"consumer {name}", runtime.is_ready)
         runtimes.append(runtime)
+    # Dead letters leave the .dlq queues for the state store, where support browses them.
+    collector = DeadLetterCollector(
+        services.state, env.broker_url, names, interval=env.dead_letter_interval
+    ).start()
     log.info("starting", consumers=names, clients=sorted(services.clients))
     try:
         run_until_stopped(runtimes, stop)
     finally:
+        collector.stop()
         services.close()
     log.info("stopped")
 
@@ -215,6 +221,43 @@ def check(
                 line(not absent, f"{label} {wanted!r} → {letters[0] if letters else 'missing'}")
     typer.echo("All good." if not problems else f"{problems} problem(s) found.")
     raise typer.Exit(0 if not problems else 1)
+
+
+@app.command()
+def explain(
+    client_id: Annotated[str, typer.Argument(help="The client_id in the clients file.")],
+    order_id: Annotated[
+        str, typer.Argument(help="The CS-Cart order id (1000012) or its order_no (CS1000012).")
+    ],
+) -> None:
+    """Say whether a CS-Cart order was imported (when, as what order_no) or which of the
+    client's filters excludes it, from what the service recorded and a look at the store."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from consumers.order_poll import explain as explain_order
+
+    from .app import Services
+    from .observability import configure_logging
+
+    try:
+        env = read_environment()
+        configure_logging(env.log_level, env.log_format)
+        services = Services.from_environment(env)
+    except SettingsError as exc:
+        raise _fail(str(exc)) from None
+    except SQLAlchemyError as exc:
+        raise _fail(
+            f"cannot open the state store {redact_url(env.state_url)} ({type(exc).__name__})"
+        ) from None
+    try:
+        text = explain_order(services, client_id, order_id)
+    except BridgeError as exc:  # UnknownClient
+        raise _fail(exc.reason) from None
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        services.close()
+    typer.echo(text)
 
 
 @app.command()

@@ -44,6 +44,7 @@ class Environment:
     shutdown_grace: float = 30.0
     log_level: str = "INFO"
     log_format: str = "json"
+    dead_letter_interval: int = 30
 
     def tuning(self, consumer: str, environ: Mapping[str, str] | None = None) -> ConsumerTuning:
         """``CSCART_FM_<CONSUMER>_PREFETCH`` / ``_CONCURRENCY`` override the defaults."""
@@ -106,6 +107,7 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         shutdown_grace=grace,
         log_level=environ.get("CSCART_FM_LOG_LEVEL", "INFO").strip().upper() or "INFO",
         log_format=log_format,
+        dead_letter_interval=_int(environ, "CSCART_FM_DEAD_LETTER_INTERVAL", 30, minimum=1),
     )
 
 

@@ -74,6 +74,7 @@ from sqlalchemy.engine import RowMapping
 from schemas.messages import _Message
 
 from .broker import Publisher, connect
+from .metrics import DEAD_LETTERS_OPEN
 from .observability import mask_email, redact_text
 from .state import StateStore, metadata, utcnow
 from .topology import (
@@ -508,6 +509,25 @@ def raw_body(message: Any) -> bytes:
     return bytes(body)
 
 
+def export_open_count(store: StateStore) -> dict[tuple[str, str], int]:
+    """Set ``cscart_fm_dead_letters_open`` from the store: what the alert watches, since
+    collection empties the ``.dlq`` queues."""
+    c = dead_letters.c
+    with store.engine.connect() as db:
+        rows = db.execute(
+            sa.select(c.consumer, c.error_type, sa.func.count())
+            .where(c.status == OPEN)
+            .group_by(c.consumer, c.error_type)
+        ).all()
+    counts = {(str(consumer), str(error_type)): int(n) for consumer, error_type, n in rows}
+    DEAD_LETTERS_OPEN.clear()
+    for consumer in CONSUMER_NAMES:  # a zero per consumer keeps the series (and the alert) alive
+        DEAD_LETTERS_OPEN.labels(consumer, "none").set(0)
+    for (consumer, error_type), n in counts.items():
+        DEAD_LETTERS_OPEN.labels(consumer, error_type).set(n)
+    return counts
+
+
 class DeadLetterCollector:
     """Collects every ``interval`` seconds on its own thread until ``stop()``.
 
@@ -543,6 +563,10 @@ class DeadLetterCollector:
             return None
         if found.total_new:
             log.info("dead letters collected", new=found.new)
+        try:
+            export_open_count(self.store)
+        except Exception as exc:
+            log.warning("counting open dead letters failed", error=f"{type(exc).__name__}: {exc}")
         return found
 
     def start(self) -> DeadLetterCollector:

@@ -154,3 +154,11 @@ LAST_STOCK_PUSH = Gauge(
     "Unix time of the last stock snapshot applied, by client.",
     ["client"],
 )
+
+# --- dead letters -----------------------------------------------------------------------------
+DEAD_LETTERS_OPEN = Gauge(
+    f"{PREFIX}_dead_letters_open",
+    "Dead letters collected into the state store and waiting for support, by consumer and "
+    "error type (the .dlq queues are emptied into the store, so their depth is not the count).",
+    ["consumer", "error_type"],
+)

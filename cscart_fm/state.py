@@ -50,7 +50,13 @@ def _register_table_modules() -> None:
     # Tables live beside the code that owns them; importing these modules registers them.
     import importlib
 
-    for name in ("consumers.order_poll", "consumers.shipment_lodged", "consumers.stock_snapshot"):
+    for name in (
+        "consumers.order_poll",
+        "consumers.shipment_lodged",
+        "consumers.stock_snapshot",
+        "cscart_fm.dead_letters",
+        "producers.tick",
+    ):
         try:
             importlib.import_module(name)
         except ModuleNotFoundError as exc:

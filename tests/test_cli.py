@@ -108,6 +108,51 @@ def test_check_refuses_an_unknown_client(tmp_path: Path) -> None:
 
 
 @pytest.mark.broker
+def test_run_collects_dead_letters_and_exports_the_open_count(broker_url: str, tmp_path: Path) -> None:
+    import socket
+    import urllib.request
+
+    from .support.broker import declare, depth, publish_json, shipment_event
+
+    declare(broker_url)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    clients = write_clients_file(tmp_path / "clients.yaml", [client_doc("https://shop.example")])
+    env = cli_env(
+        broker_url, f"sqlite:///{tmp_path}/state.db", clients,
+        CSCART_FM_METRICS_PORT=str(port), CSCART_FM_DEAD_LETTER_INTERVAL="1",
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cscart_fm.cli", "run", "shipment-lodged"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        publish_json(broker_url, shipment_event("D1", lines="not a list"), "shipment.lodged")
+
+        def open_count() -> str:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                    text = r.read().decode()
+            except OSError:
+                return ""
+            wanted = 'cscart_fm_dead_letters_open{consumer="shipment-lodged",error_type="invalid-message"} 1.0'
+            return wanted if wanted in text else ""
+
+        wait_for(open_count, timeout=60)
+        assert depth(broker_url, "cscart.shipment-lodged.dlq") == 0  # moved into the store
+        listed = cscart_fm("dlq", "list", "--json", env=env)
+        assert listed.returncode == 0, listed.stderr
+        [row] = json.loads(listed.stdout)
+        assert row["error_type"] == "invalid-message"
+        assert "lines" in row["reason"]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
+
+
+@pytest.mark.broker
 def test_run_exits_0_on_sigterm_and_serves_health(broker_url: str, tmp_path: Path) -> None:
     import socket
     import urllib.request
