@@ -18,6 +18,7 @@ from schemas.messages import ROUTING_KEYS, _Message
 from . import topology
 
 DEFAULT_HEARTBEAT = 30
+CONFIRM_TIMEOUT = 30.0
 
 
 def connect(url: str, *, heartbeat: int = DEFAULT_HEARTBEAT) -> Connection:
@@ -52,7 +53,10 @@ class Publisher:
     that cannot be confirmed raises: the caller must not acknowledge what caused it.
     """
 
-    def __init__(self, url: str, *, heartbeat: int = DEFAULT_HEARTBEAT) -> None:
+    def __init__(self, url: str, *, heartbeat: int = 0) -> None:
+        # No heartbeat by default: nothing services a publisher's connection between
+        # publishes, so the broker would close it after two missed beats. A dead connection
+        # shows at the next publish (its confirm times out) and is replaced once.
         self._url = url
         self._heartbeat = heartbeat
         self._local = threading.local()
@@ -103,6 +107,9 @@ class Publisher:
                     serializer=None,
                     mandatory=False,
                     retry=False,
+                    # A broker that never confirms must not hold the message in hand forever.
+                    timeout=CONFIRM_TIMEOUT,
+                    confirm_timeout=CONFIRM_TIMEOUT,
                     **props,
                 )
                 return

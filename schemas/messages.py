@@ -16,6 +16,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainSerializer,
     StrictBool,
     StrictInt,
     StringConstraints,
@@ -35,6 +36,11 @@ Id = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whites
 Sku = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 Money = Annotated[str, StringConstraints(pattern=r"^-?\d{1,15}(\.\d{1,6})?$")]
 """A decimal string such as ``"19.90"``: never a float."""
+IsoTime = Annotated[
+    AwareDatetime,
+    PlainSerializer(lambda value: value.isoformat(), return_type=str, when_used="json"),
+]
+"""A time with its offset, written as the contract writes it (``+00:00``, not ``Z``)."""
 Quantity = Annotated[StrictInt, Field(ge=0, le=10_000_000)]
 SignedQuantity = Annotated[StrictInt, Field(ge=-10_000_000, le=10_000_000)]
 
@@ -59,7 +65,7 @@ class _Message(BaseModel):
 class OrderPollTick(_Message):
     type: Literal["order-poll.tick"]
     version: Literal[1]
-    issued_at: AwareDatetime
+    issued_at: IsoTime
 
 
 class ShipmentLine(BaseModel):
@@ -77,7 +83,7 @@ class ShipmentLodged(_Message):
     tracking_number: Text | None = None
     carrier: Text | None = None
     tracking_url: Annotated[str, StringConstraints(max_length=2000)] | None = None
-    lodged_at: AwareDatetime
+    lodged_at: IsoTime
     lines: Annotated[list[ShipmentLine], Field(min_length=1, max_length=10_000)]
     backordered: Annotated[list[ShipmentLine], Field(max_length=10_000)] = []
 
@@ -99,7 +105,7 @@ class StockItem(BaseModel):
 class StockSnapshot(_Message):
     type: Literal["stock.snapshot"]
     version: Literal[1]
-    taken_at: AwareDatetime
+    taken_at: IsoTime
     items: Annotated[list[StockItem], Field(min_length=1, max_length=100_000)]
 
 
@@ -150,7 +156,7 @@ class OrderImported(_Message):
     order_no: Id
     cart_order_id: StrictInt
     cart_status: str
-    placed_at: AwareDatetime
+    placed_at: IsoTime
     is_test: StrictBool
     currency: str = ""
     customer: Party

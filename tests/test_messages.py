@@ -156,3 +156,10 @@ def test_any_body_either_parses_or_is_an_invalid_message(body: bytes) -> None:
         parse_event(body)
     except InvalidMessage as exc:
         assert exc.reason and len(exc.reason) < 2000
+
+
+def test_times_are_written_with_an_explicit_offset_like_the_contract() -> None:
+    tick = parse_event(json.dumps(TICK).encode())
+    assert json.loads(tick.to_body())["issued_at"] == "2026-11-22T10:00:00+00:00"
+    imported = parse_event(json.dumps(IMPORTED).encode())
+    assert json.loads(imported.to_body())["placed_at"] == "2026-11-22T09:41:07+11:00"
