@@ -37,6 +37,21 @@ def test_demo_runs_the_pipeline_on_the_embedded_default() -> None:
     assert "the CS-Cart emulator at http://127.0.0.1:" in out
     assert "Dead letters: none" in out
     assert API_KEY not in out
+    # 1. orders: the P orders to AU/NZ reach FM's queue once, prefixed; the others say why not
+    assert "FM's queue 'fm.orders.imported' received 3 orders:" in out
+    assert "CS1        ship to AU  2 × Test001" in out
+    assert "test order, FM will not dispatch it" in out
+    assert "not pulled (status O)" in out and "not pulled (ship-to US)" in out
+    assert "A second tick published 0 more" in out
+    # 2. tracking: a full and a partial shipment reach the emulator with their statuses
+    assert "carrier 'aup'" in out and "order status is now C (Complete)" in out
+    assert "Track your parcel: https://www.aramex.co.nz" in out
+    assert "order status is now A (Partially shipped)" in out
+    # 3. stock: available, negatives as 0, unchanged not written, unknown SKU reported
+    assert "Test002        on hand   3, available  -2 → store quantity 50 → 0  written" in out
+    assert "unchanged (not written)" in out
+    assert "NPF-GONE-01    not in the store" in out
+    assert "The store received 3 quantity updates." in out
 
 
 def test_topology_lists_the_contract_queues() -> None:
