@@ -11,7 +11,7 @@ import logging
 import re
 import sys
 import threading
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Callable, MutableMapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -179,8 +179,3 @@ def serve_metrics(port: int, health: Health, host: str = "0.0.0.0") -> Threading
     thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
     thread.start()
     return server
-
-
-def secrets_of(values: Iterable[str]) -> None:
-    for value in values:
-        register_secret(value)
