@@ -1,0 +1,36 @@
+"""Every log line is redacted: registered secrets and e-mail addresses never reach the output."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import structlog
+
+from cscart_fm.observability import configure_logging, register_secret
+
+SECRET = "sk-live-4f9d1c2b7a"
+
+
+def test_secrets_and_emails_are_redacted_in_every_kind_of_log_line() -> None:
+    stream = io.StringIO()
+    configure_logging("DEBUG", "json", stream=stream)
+    register_secret(SECRET)
+    log = structlog.get_logger("test")
+    log.info("calling store", url=f"https://x.example/api?key={SECRET}", customer="jane@example.com")
+    log.info("headers", authorization=f"Basic {SECRET}", api_key=SECRET, nested={"password": "p"})
+    logging.getLogger("urllib3.test").warning("retrying with %s for %s", SECRET, "bob@example.org")
+    try:
+        raise RuntimeError(f"store said no to {SECRET} for jane@example.com")
+    except RuntimeError:
+        log.exception("failed")
+    output = stream.getvalue()
+    assert SECRET not in output
+    assert "jane@example.com" not in output and "bob@example.org" not in output
+    lines = [json.loads(line) for line in output.splitlines()]
+    assert lines[0]["customer"] == "j***@example.com"
+    assert lines[1]["api_key"] == "***" and lines[1]["authorization"] == "***"
+    assert lines[1]["nested"] == {"password": "***"}
+    assert "***" in lines[2]["event"]
+    assert "RuntimeError" in lines[3]["exception"]
