@@ -782,7 +782,10 @@ def dlq_collect(
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``tick``, ``publish`` and the ``dlq`` group to the ``cscart-fm`` command."""
+    """Add ``tick``, ``publish``, the ``dlq`` group and the ``console`` to ``cscart-fm``."""
+    from .console import register as register_console
+
     app.command("tick")(tick)
     app.command("publish")(publish)
     app.add_typer(dlq_app, name="dlq")
+    register_console(app)
