@@ -145,6 +145,8 @@ imported_orders = sa.Table(
     sa.Column("claimed_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("published_at", sa.DateTime(timezone=True), nullable=True),
     sa.Index("ix_imported_orders_client_state", "client_id", "state"),
+    # The console's "orders imported today" per client.
+    sa.Index("ix_imported_orders_client_published", "client_id", "published_at"),
 )
 
 poll_watermarks = sa.Table(

@@ -77,6 +77,8 @@ pushed_shipments = sa.Table(
     sa.Column("status_done", sa.Boolean, nullable=False, default=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    # The console's "last shipment pushed" per client.
+    sa.Index("ix_pushed_shipments_client_created", "client_id", "created_at"),
 )
 
 # --- carriers and the marker -----------------------------------------------------------------

@@ -55,6 +55,7 @@ def _register_table_modules() -> None:
         "consumers.shipment_lodged",
         "consumers.stock_snapshot",
         "cscart_fm.dead_letters",
+        "cscart_fm.console.audit",
         "producers.tick",
     ):
         try:
