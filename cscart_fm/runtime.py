@@ -35,7 +35,9 @@ from types import FrameType
 from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
+from amqp.exceptions import AMQPError
 from kombu import Connection, Consumer, Producer
+from kombu.exceptions import OperationalError as KombuOperationalError
 from kombu.message import Message
 
 from schemas.messages import _Message, parse_event
@@ -51,6 +53,9 @@ log = structlog.get_logger(__name__)
 E = TypeVar("E", bound=_Message, contravariant=True)
 
 ATTEMPT_HEADER = "cscart-attempt"
+
+_BROKER_TROUBLE = (OSError, AMQPError, KombuOperationalError)
+"""Failures of the connection itself, as opposed to something about one message."""
 """Our own count of delayed retries (the broker ignores client-set ``x-`` headers)."""
 
 
@@ -369,49 +374,62 @@ class ConsumerRuntime(Generic[E]):
         # Hand the workers their next messages first: they run while this thread acks.
         self._start_pending()
         for item in done:
-            outcome = item.future.result()
-            message = item.message
-            error = outcome.error
-            if error is None:
-                message.ack()
-                metrics.MESSAGES.labels(self.name, "ok").inc()
-                metrics.LAST_SUCCESS.labels(self.name).set_to_current_time()
-                continue
-            metrics.MESSAGE_ERRORS.labels(self.name, error.error_type).inc()
-            bound = self.log.bind(
-                client_id=outcome.client_id,
-                event_id=outcome.event_id,
-                error_type=error.error_type,
-                reason=error.reason,
-                attempt=item.attempt,
-            )
-            if error.fate is Fate.RETRY and item.attempt < self.options.max_attempts:
-                delay = self.topology.retry_delay(item.attempt)
-                self._republish(
-                    producer,
-                    message,
-                    exchange="",
-                    routing_key=self.topology.retry_queue_name(delay),
-                    headers={
-                        ATTEMPT_HEADER: item.attempt + 1,
-                        "cscart-last-error-type": error.error_type,
-                        "cscart-last-reason": error.reason[:500],
-                    },
-                )
-                message.ack()
-                metrics.MESSAGES.labels(self.name, "retry").inc()
-                bound.warning("failed; retrying later", retry_in_seconds=delay)
-            else:
-                self._republish(
-                    producer,
-                    message,
-                    exchange=DEAD_LETTER_EXCHANGE,
-                    routing_key=self.topology.dead_letter_queue_name,
-                    headers=self._dead_letter_headers(error, item.attempt, outcome),
-                )
-                message.ack()
+            try:
+                self._settle_one(producer, item)
+            except _BROKER_TROUBLE:
+                raise  # the connection is gone: the broker redelivers what was not acked
+            except Exception:
+                # Something about this message itself (a header the client cannot encode...)
+                # must not look like a broker outage, or it would come back forever. Reject
+                # it: the work queue's own dead-letter exchange takes it to the .dlq.
+                self.log.exception("could not settle a message; rejected to the dead letters")
+                item.message.reject(requeue=False)
                 metrics.MESSAGES.labels(self.name, "dead_letter").inc()
-                bound.error("dead-lettered", action=error.action)
+
+    def _settle_one(self, producer: Producer, item: _InFlight) -> None:
+        outcome = item.future.result()
+        message = item.message
+        error = outcome.error
+        if error is None:
+            message.ack()
+            metrics.MESSAGES.labels(self.name, "ok").inc()
+            metrics.LAST_SUCCESS.labels(self.name).set_to_current_time()
+            return
+        metrics.MESSAGE_ERRORS.labels(self.name, error.error_type).inc()
+        bound = self.log.bind(
+            client_id=outcome.client_id,
+            event_id=outcome.event_id,
+            error_type=error.error_type,
+            reason=error.reason,
+            attempt=item.attempt,
+        )
+        if error.fate is Fate.RETRY and item.attempt < self.options.max_attempts:
+            delay = self.topology.retry_delay(item.attempt)
+            self._republish(
+                producer,
+                message,
+                exchange="",
+                routing_key=self.topology.retry_queue_name(delay),
+                headers={
+                    ATTEMPT_HEADER: item.attempt + 1,
+                    "cscart-last-error-type": error.error_type,
+                    "cscart-last-reason": error.reason[:500],
+                },
+            )
+            message.ack()
+            metrics.MESSAGES.labels(self.name, "retry").inc()
+            bound.warning("failed; retrying later", retry_in_seconds=delay)
+        else:
+            self._republish(
+                producer,
+                message,
+                exchange=DEAD_LETTER_EXCHANGE,
+                routing_key=self.topology.dead_letter_queue_name,
+                headers=self._dead_letter_headers(error, item.attempt, outcome),
+            )
+            message.ack()
+            metrics.MESSAGES.labels(self.name, "dead_letter").inc()
+            bound.error("dead-lettered", action=error.action)
 
     def _dead_letter_headers(
         self, error: BridgeError, attempt: int, outcome: _Outcome
@@ -444,14 +462,22 @@ class ConsumerRuntime(Generic[E]):
         """Publish a copy of the message (same body and properties) and wait for the confirm."""
         properties = message.properties
         merged = {**(message.headers or {}), **headers}
+        # Always bytes: py-amqp decodes a body whose content_encoding names a text codec, and
+        # kombu would re-encode a str with whatever the message claims ("binary" included).
+        body, encoding = message.body, message.content_encoding or "utf-8"
+        if isinstance(body, str):
+            try:
+                body = body.encode(encoding)
+            except (LookupError, UnicodeError):
+                body, encoding = body.encode("utf-8", "surrogateescape"), "utf-8"
         producer.publish(
-            message.body,
+            body,
             exchange=exchange,
             routing_key=routing_key,
             headers=merged,
             serializer=None,
             content_type=message.content_type or "application/json",
-            content_encoding=message.content_encoding or "utf-8",
+            content_encoding=encoding,
             delivery_mode=2,
             message_id=properties.get("message_id"),
             retry=False,

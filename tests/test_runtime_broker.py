@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -251,3 +252,29 @@ def test_the_runtime_also_runs_on_the_in_process_broker() -> None:
         publish_json(url, shipment_event("M2"), "shipment.lodged")
         wait_for(lambda: sorted(handler.refs()) == ["M1", "M2"])
         wait_for(lambda: depth(url, DLQ) == 1)
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "binary", "gzip", "utf-16"])
+def test_odd_content_encodings_are_retried_and_dead_lettered_not_looped(
+    broker_url: str, encoding: str
+) -> None:
+    """py-amqp decodes a body whose content_encoding is a text codec; republishing it must
+    never fail on the encoding (which would look like a broker outage and loop forever)."""
+    from kombu import Connection, Producer
+
+    declare(broker_url)
+    handler = Recorder({"E1": [StoreUnreachable("down"), StoreUnreachable("down")]})
+    body = json.dumps(shipment_event("E1")).encode("utf-8")
+    with Connection(broker_url) as conn:
+        Producer(conn.default_channel).publish(
+            body, exchange="fm.events", routing_key="shipment.lodged", serializer=None,
+            content_type="application/json", content_encoding=encoding,
+        )
+    with running(handler, broker_url, max_attempts=2) as runtime:
+        wait_for(lambda: depth(broker_url, DLQ) == 1, timeout=30)
+        assert runtime.ready
+    [dead] = drain(broker_url, DLQ)
+    raw = dead.body if isinstance(dead.body, bytes) else dead.body.encode(dead.content_encoding)
+    assert headers_of(dead)["cscart-error-type"] in ("store-unreachable", "invalid-message")
+    if encoding in ("latin-1", "binary", "gzip"):
+        assert raw == body  # the payload support sees is the one FM sent
