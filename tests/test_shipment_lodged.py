@@ -445,10 +445,14 @@ def test_a_post_that_times_out_is_read_back_before_any_retry(
         assert outcomes["retry"] == 0
     else:
         # Not created (a proxy gave up): read back, found nothing, retried later, created once.
-        assert faulted == ["timeout", None]
-        assert outcomes["retry"] == 1
-    # Every POST was preceded by a read-back; after the timeout, one more.
-    assert emu.count("shipments.list") == len(faulted) + 1
+        # The fault is lifted only once the emulator logged the hung request, so a quick retry
+        # may meet it again: any number of timeouts, then one success.
+        timeouts = faulted.count("timeout")
+        assert timeouts >= 1
+        assert faulted == ["timeout"] * timeouts + [None]
+        assert outcomes["retry"] == timeouts
+    # Every POST was preceded by a read-back; after each timeout, one more.
+    assert emu.count("shipments.list") == len(faulted) + faulted.count("timeout")
     assert outcomes["dead_letter"] == 0
 
 
