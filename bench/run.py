@@ -17,6 +17,7 @@ import argparse
 import importlib
 import json
 import shlex
+import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -34,6 +35,21 @@ BENCHMARKS: dict[int, tuple[str, str]] = {
 RESULTS = REPO / "bench" / "results.json"
 DOC = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def commit() -> str:
+    """The commit measured, marked when the service's code differs from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,  # noqa: S607
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "cscart_fm", "cscart", "consumers",  # noqa: S607
+             "producers", "schemas", "pyproject.toml"],
+            cwd=REPO, capture_output=True, text=True, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head} (with uncommitted changes)" if dirty else head
 
 
 def _met(value: bool | None) -> str:
@@ -72,7 +88,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
         lines.append(f"### {result['number']}. {result['title']}")
         lines.append("")
         lines.append(
-            f"Run {run['date']} with `{run['command']}` in {run['seconds']:.0f} s; machine: "
+            f"Run {run['date']} on commit {run.get('commit', 'unknown')} with "
+            f"`{run['command']}` in {run['seconds']:.0f} s; machine: "
             f"{run['machine']['cores']} cores ({run['machine']['cpu']}), "
             f"{run['machine']['memory']}, Python {run['machine']['python']}, "
             f"RabbitMQ {run['machine']['rabbitmq']}; load average before: "
@@ -119,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         " " + shlex.join(sys.argv[1:]) if argv is None and sys.argv[1:] else ""
     )
     info = machine()
+    measured = commit()
     log(f"machine: {info}")
     stored: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     fresh: list[dict[str, Any]] = []
@@ -147,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             "run": {
                 "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
                 "command": command,
+                "commit": measured,
                 "quick": args.quick,
                 "seconds": result.seconds,
                 "machine": info,
