@@ -7,6 +7,15 @@ thread-safe). It receives deliveries, sends heartbeats, acknowledges, and publis
 and dead letters. Handlers run on a small worker pool, so a slow store never starves the
 heartbeat (with ConsumerMixin-style consuming a 30 s HTTP call loses the connection).
 
+Hand-offs cost per burst, not per message (each thread wake-up is a system call, and a costly
+one in a VM). The deliveries of one read go onto a queue the workers take from; a worker puts
+each outcome on a queue back and, when it has no more work to take, writes one byte to a
+socket pair that the connection thread ``poll()``s together with the broker's socket. So that
+thread sleeps until the broker sends something, a worker runs dry, or the heartbeat is due;
+then it acks the finished messages at the bottom of the channel's unsettled window with one
+``basic.ack(multiple=True)`` (never one whose handler has not returned). Without a plain TCP
+socket to wait on (memory://, TLS), it falls back to short timed waits.
+
 Fates (the table lives on the error types in ``cscart_fm.errors``):
 - success → ack, only after the handler returned (its publishes confirmed, its state committed);
 - ``Fate.RETRY`` → a copy goes to the delay queue for that attempt (confirmed), then ack;
@@ -20,22 +29,26 @@ Fates (the table lives on the error types in ``cscart_fm.errors``):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
+import select
 import signal
+import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from types import FrameType
 from typing import Any, Generic, Protocol, TypeVar
 
+import amqp
 import structlog
 from amqp.exceptions import AMQPError
+from amqp.transport import TCPTransport
 from kombu import Connection, Consumer, Producer
 from kombu.exceptions import OperationalError as KombuOperationalError
 from kombu.message import Message
@@ -53,10 +66,16 @@ log = structlog.get_logger(__name__)
 E = TypeVar("E", bound=_Message, contravariant=True)
 
 ATTEMPT_HEADER = "cscart-attempt"
+"""Our own count of delayed retries (the broker ignores client-set ``x-`` headers)."""
 
 _BROKER_TROUBLE = (OSError, AMQPError, KombuOperationalError)
 """Failures of the connection itself, as opposed to something about one message."""
-"""Our own count of delayed retries (the broker ignores client-set ``x-`` headers)."""
+
+_TICK = 0.2
+"""Seconds between heartbeat checks (and the longest the connection thread sleeps)."""
+
+_POLL = 0.02
+"""Without a socket to wait on: how long to wait for a worker before reading the broker."""
 
 
 @dataclass(frozen=True)
@@ -78,54 +97,54 @@ class Handler(Protocol[E]):
     def handle(self, event: E, delivery: Delivery) -> None: ...
 
 
-@dataclass
+@dataclass(slots=True)
 class _Outcome:
+    attempt: int
     error: BridgeError | None = None
     client_id: str | None = None
     event_id: str | None = None
 
 
-@dataclass
-class _InFlight:
-    message: Message
-    future: Future[_Outcome]
-    attempt: int
+class _Waker:
+    """Wakes the connection thread out of ``poll()`` with one byte, and writes none while a
+    wake-up is already pending (one system call per burst, not per message)."""
 
+    def __init__(self) -> None:
+        self._read, self._write = socket.socketpair()
+        self._read.setblocking(False)
+        self._write.setblocking(False)
+        self._pending = False
+        self._poller = _poller(self.fileno())
 
-class _WorkerPool:
-    """A fixed pool of daemon threads. Unlike ThreadPoolExecutor's, its threads never keep
-    the process alive: once the grace period is over and the message was handed back, a
-    handler still stuck on a store must not delay the exit Kubernetes asked for."""
+    def fileno(self) -> int:
+        return self._read.fileno()
 
-    def __init__(self, size: int, name: str) -> None:
-        self._tasks: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = (
-            queue.SimpleQueue()
-        )
-        self._threads = [
-            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
-            for i in range(size)
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def _work(self) -> None:
-        while (task := self._tasks.get()) is not None:
-            future, call = task
-            if not future.set_running_or_notify_cancel():
-                continue
+    def wake(self) -> None:
+        if not self._pending:
+            self._pending = True
             try:
-                future.set_result(call())
-            except BaseException as exc:
-                future.set_exception(exc)
+                self._write.send(b"\0")
+            except OSError:
+                pass  # full of wake-ups already, or closed: the runtime has stopped
 
-    def submit(self, call: Callable[[], Any]) -> Future[Any]:
-        future: Future[Any] = Future()
-        self._tasks.put((future, call))
-        return future
+    def clear(self) -> None:
+        """Consume the wake-ups. Read the bytes before lowering the flag, and look at the work
+        only afterwards: a wake-up skipped because the flag was up then is never lost."""
+        with contextlib.suppress(BlockingIOError):
+            while self._read.recv(4096):
+                pass
+        self._pending = False
 
-    def shutdown(self) -> None:
-        for _ in self._threads:
-            self._tasks.put(None)
+    def wait(self, timeout: float) -> None:
+        if self._poller is not None:
+            self._poller.poll(timeout * 1000)
+        else:
+            select.select([self._read], [], [], timeout)
+        self.clear()
+
+    def close(self) -> None:
+        self._read.close()
+        self._write.close()
 
 
 @dataclass
@@ -163,6 +182,44 @@ def _internal_error(exc: BaseException) -> BridgeError:
     return BridgeError(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
 
 
+def _poller(*fds: int) -> select.poll | None:
+    """A poll() object watching ``fds`` for reading. poll(), not select(): select() cannot
+    watch a descriptor numbered 1024 or more, which a busy process reaches. None where the
+    platform has no poll() (Windows)."""
+    if not hasattr(select, "poll"):
+        return None
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return poller
+
+
+@dataclass(frozen=True)
+class _BrokerSocket:
+    """py-amqp's connection, and poll() objects on its socket with and without the waker."""
+
+    connection: amqp.Connection
+    fd: int
+    with_waker: select.poll
+    alone: select.poll
+
+
+def _broker_socket(conn: Connection, waker: _Waker) -> _BrokerSocket | None:
+    """The broker's socket when waiting for it to be readable tells the whole truth: over
+    plain TCP py-amqp reads exactly one frame's bytes at a time, so nothing it could deliver
+    waits in a buffer. Over TLS, OpenSSL may hold decrypted bytes poll() cannot see, and
+    other transports (memory://) have no socket: those use timed waits instead."""
+    connection = conn.connection
+    plain = isinstance(connection, amqp.Connection) and type(connection.transport) is TCPTransport
+    if not plain:
+        return None
+    fd = connection.sock.fileno()
+    with_waker, alone = _poller(fd, waker.fileno()), _poller(fd)
+    if with_waker is None or alone is None:
+        return None
+    return _BrokerSocket(connection, fd, with_waker, alone)
+
+
 class ConsumerRuntime(Generic[E]):
     """Runs one handler on its work queue until ``stop()``; reconnects after broker loss."""
 
@@ -183,17 +240,39 @@ class ConsumerRuntime(Generic[E]):
         self.name = handler.consumer
         self._stop = threading.Event()
         self._connected = threading.Event()
-        self._pending: deque[Message] = deque()
-        self._in_flight: list[_InFlight] = []
-        self._workers = _WorkerPool(self.options.concurrency, f"{self.name}-worker")
-        self._finished = threading.Event()  # set by a worker when its handler is done
+        self._stopping = False  # the connection thread is handing back instead of handling
+        # Every delivery of the current channel not yet settled, in delivery-tag order:
+        # queued for a worker, being handled, or finished and waiting for its ack.
+        self._in_flight: dict[int, Message] = {}
+        self._pending: deque[Message] = deque()  # delivered while stopping: to hand back
+        self._received: list[Message] = []  # delivered during the current read burst
+        self._work: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
+        self._at_workers = 0  # put on _work and not yet taken back from _done
+        self._done: queue.SimpleQueue[tuple[Message, _Outcome]] = queue.SimpleQueue()
+        self._waker = _Waker()
+        self._multiple_ack = False
+        self._next_tick = 0.0
         self.log = log.bind(consumer=self.name)
+        # Label children bound once: a labels() lookup per message costs a lock and a hash.
+        self._ok = metrics.MESSAGES.labels(self.name, "ok")
+        self._last_success = metrics.LAST_SUCCESS.labels(self.name)
+        self._in_progress = metrics.IN_PROGRESS.labels(self.name)
+        self._processing = metrics.PROCESSING_SECONDS.labels(self.name)
+        # Daemon threads: once the grace period is over and the message was handed back, a
+        # handler still stuck on a store must not delay the exit Kubernetes asked for.
+        self._workers = [
+            threading.Thread(target=self._work_loop, name=f"{self.name}-worker-{i}", daemon=True)
+            for i in range(self.options.concurrency)
+        ]
+        for thread in self._workers:
+            thread.start()
 
     # --- lifecycle ------------------------------------------------------------------------
 
     def stop(self) -> None:
         """Ask the runtime to finish (or hand back) what it holds and return from ``run``."""
         self._stop.set()
+        self._waker.wake()
 
     @property
     def ready(self) -> bool:
@@ -221,28 +300,39 @@ class ConsumerRuntime(Generic[E]):
                         error=f"{type(exc).__name__}: {exc}",
                         retry_in=wait,
                     )
-                    # Messages held by the lost connection come back from the broker; wait for
-                    # their handlers so a redelivered copy never runs beside the original.
-                    self._drain_workers(timeout=None)
-                    self._pending.clear()
-                    self._in_flight.clear()
+                    self._abandon()
                     self._stop.wait(wait)
                     wait = min(wait * 2, self.options.reconnect_max_wait)
         finally:
             self._connected.clear()
             metrics.CONSUMER_UP.labels(self.name).set(0)
-            self._workers.shutdown()
+            self._take_back_unstarted()  # a lost connection's: not to be started on the way out
+            for _ in self._workers:
+                self._work.put(None)
+            self._waker.close()
             self.log.info("consumer stopped")
 
-    def _wake(self, _future: Future[_Outcome]) -> None:
-        self._finished.set()
+    def _abandon(self) -> None:
+        """Forget the lost connection's messages: the broker gives them out again. Wait for
+        the handlers still running, so a redelivered copy never runs beside the original."""
+        self._take_back_unstarted()
+        while self._at_workers and not self._stop.is_set():  # each one taken comes back
+            with contextlib.suppress(queue.Empty):
+                self._done.get(timeout=0.5)
+                self._at_workers -= 1
+        self._pending.clear()
+        self._received.clear()
+        self._in_flight.clear()
+        self._stopping = False
 
-    def _drain_workers(self, timeout: float | None) -> None:
-        for item in list(self._in_flight):
-            try:
-                item.future.result(timeout=timeout)
-            except Exception:  # noqa: S112 - the outcome is discarded: the broker redelivers
-                continue
+    def _take_back_unstarted(self) -> list[Message]:
+        """The messages still queued for the workers, which no worker can start any more."""
+        taken: list[Message] = []
+        with contextlib.suppress(queue.Empty):
+            while (message := self._work.get_nowait()) is not None:
+                taken.append(message)
+        self._at_workers -= len(taken)
+        return taken
 
     def _run_connected(self) -> None:
         with connect(self.broker_url, heartbeat=self.options.heartbeat) as conn:
@@ -250,15 +340,19 @@ class ConsumerRuntime(Generic[E]):
             consume_channel = conn.channel()
             consume_channel.basic_qos(0, self.options.prefetch, False)
             producer = Producer(conn.channel())
-            for queue in self.topology.queues():
-                queue(producer.channel).declare()
+            for queue_ in self.topology.queues():
+                queue_(producer.channel).declare()
             consumer = Consumer(
                 consume_channel,
                 queues=[self.topology.queue],
-                on_message=self._pending.append,  # raw bodies: we decode, kombu must not
+                on_message=self._on_message,  # raw bodies: we decode, kombu must not
                 no_ack=False,
                 auto_declare=False,
             )
+            # Only AMQP's basic.ack takes ``multiple``; kombu's virtual transports would ack
+            # the one tag and keep the others unacknowledged.
+            self._multiple_ack = isinstance(consume_channel, amqp.Channel)
+            broker = _broker_socket(conn, self._waker)
             consumer.consume()
             self._connected.set()
             metrics.CONSUMER_UP.labels(self.name).set(1)
@@ -267,48 +361,101 @@ class ConsumerRuntime(Generic[E]):
                 queue=self.topology.queue_name,
                 prefetch=self.options.prefetch,
                 concurrency=self.options.concurrency,
+                wake_up="socket" if broker is not None else "timed",
+            )
+            pump: Callable[[], None] = (
+                partial(self._pump_socket, conn, broker)
+                if broker is not None
+                else partial(self._pump_timed, conn)
             )
             while not self._stop.is_set():
                 self._settle(producer)
-                self._start_pending()
-                self._pump(conn)
-            self._shutdown(conn, consumer, producer)
+                pump()
+            self._shutdown(consumer, producer, pump)
 
-    def _pump(self, conn: Connection) -> None:
-        """Read what the broker sent and keep the heartbeat, waking as soon as a worker
-        finishes: a handler done in 50 µs must not wait on a socket read's timeout."""
+    def _on_message(self, message: Message) -> None:
+        """Called by kombu on this thread for each delivery, in delivery-tag order."""
+        self._in_flight[message.delivery_tag] = message
+        self._received.append(message)
+
+    def _dispatch(self) -> None:
+        """Hand the deliveries of one read burst to the workers, after the burst: a worker
+        woken by the first one would otherwise fight this thread for the GIL at every
+        socket read of the rest."""
+        if not self._received:
+            return
+        if self._stopping:
+            self._pending.extend(self._received)
+        else:
+            for message in self._received:
+                self._work.put(message)
+            self._at_workers += len(self._received)
+        self._received.clear()
+
+    def _tick(self, conn: Connection) -> None:
+        now = time.monotonic()
+        if now >= self._next_tick:
+            conn.heartbeat_check()
+            self._next_tick = now + _TICK
+
+    def _pump_socket(self, conn: Connection, broker: _BrokerSocket) -> None:
+        """Sleep until the broker sends something, a worker runs dry, or the heartbeat is
+        due; then read every complete delivery already there, without blocking."""
+        self._dispatch()  # what kombu delivered while a confirm or a cancel was awaited
+        # Bytes py-amqp already holds (a partial frame put back after a read timeout): read
+        # again without sleeping, whatever poll() says about the socket.
+        buffered = bool(broker.connection.transport._read_buffer)
+        timeout = 0.0 if buffered else max(0.0, self._next_tick - time.monotonic())
+        ready = {fd for fd, _ in broker.with_waker.poll(timeout * 1000)}
+        if self._waker.fileno() in ready:
+            self._waker.clear()
+        if buffered or broker.fd in ready:  # readable, closed or failed: the read tells
+            # Bounded, so a broker that keeps sending cannot keep finished messages unacked.
+            for _ in range(self.options.prefetch + 2):
+                try:
+                    broker.connection.drain_events(timeout=0)
+                except TimeoutError:  # nothing more, or only part of a frame yet
+                    break
+                if not broker.alone.poll(0):  # drained, known without a read failing on it
+                    break
+            self._dispatch()
+        self._tick(conn)
+
+    def _pump_timed(self, conn: Connection) -> None:
+        """The same without a socket to wait on: wait for a worker a little, then read."""
+        self._dispatch()
         if self._in_flight:
-            self._finished.wait(0.02)
-            self._finished.clear()
-            # Read every frame already there without blocking (one delivery per call).
+            self._waker.wait(_POLL)
             for _ in range(self.options.prefetch + 2):
                 try:
                     conn.drain_events(timeout=0)
-                except TimeoutError:  # socket.timeout: nothing more right now
+                except TimeoutError:
                     break
         else:
             try:
-                conn.drain_events(timeout=0.2)
+                conn.drain_events(timeout=_TICK)
             except TimeoutError:  # nothing arrived: time for the heartbeat
                 pass
-        conn.heartbeat_check()
+        self._dispatch()
+        self._tick(conn)
 
-    def _shutdown(self, conn: Connection, consumer: Consumer, producer: Producer) -> None:
+    def _shutdown(
+        self, consumer: Consumer, producer: Producer, pump: Callable[[], None]
+    ) -> None:
         """SIGTERM: stop taking messages, finish those in hand within the grace period,
         hand back the rest (a requeue, or the closing connection returns them)."""
-        self.log.info("stopping: finishing messages in hand", in_flight=len(self._in_flight))
+        self._stopping = True
+        self._pending.extend(self._take_back_unstarted())
+        self.log.info("stopping: finishing messages in hand", in_flight=self._at_workers)
         consumer.cancel()
-        while self._pending:
-            self._pending.popleft().requeue()
-            metrics.MESSAGES.labels(self.name, "requeued").inc()
+        self._hand_back()
         deadline = time.monotonic() + self.options.shutdown_grace
-        while self._in_flight and time.monotonic() < deadline:
+        while True:
             self._settle(producer)
-            self._pump(conn)
-        self._settle(producer)
-        while self._pending:  # anything delivered before the cancel took effect
-            self._pending.popleft().requeue()
-            metrics.MESSAGES.labels(self.name, "requeued").inc()
+            if not self._at_workers or time.monotonic() >= deadline:
+                break
+            pump()
+        self._hand_back()  # anything delivered before the cancel took effect
         if self._in_flight:
             self.log.warning(
                 "grace period over: handing back unfinished messages",
@@ -316,36 +463,56 @@ class ConsumerRuntime(Generic[E]):
             )
         self._connected.clear()
 
-    # --- per message --------------------------------------------------------------------------
-
-    def _start_pending(self) -> None:
-        while self._pending and len(self._in_flight) < self.options.concurrency:
+    def _hand_back(self) -> None:
+        self._dispatch()  # while stopping, the latest deliveries go to _pending
+        while self._pending:
             message = self._pending.popleft()
-            attempt = _attempt_of(message.headers)
-            delivery = Delivery(
-                message_id=message.properties.get("message_id"),
-                attempt=attempt,
-                redelivered=bool(message.delivery_info.get("redelivered")),
-            )
-            future = self._workers.submit(partial(self._process, message.body, delivery))
-            future.add_done_callback(self._wake)
-            self._in_flight.append(_InFlight(message, future, attempt))
+            message.requeue()
+            del self._in_flight[message.delivery_tag]
+            metrics.MESSAGES.labels(self.name, "requeued").inc()
 
-    def _process(self, body: bytes, delivery: Delivery) -> _Outcome:
-        """Runs on a worker thread; never touches the broker connection."""
+    # --- per message, on a worker ---------------------------------------------------------------
+
+    def _work_loop(self) -> None:
+        while (message := self._work.get()) is not None:
+            try:
+                outcome = self._process(message)
+            except BaseException as exc:  # every message taken must come back (see _abandon)
+                outcome = _Outcome(attempt=_attempt_of(message.headers))
+                outcome.error = _internal_error(exc)
+            self._done.put((message, outcome))
+            # Wake the connection thread when this worker runs out of work. While it has
+            # more, a CPU-bound handler keeps the GIL and the woken thread could only wait
+            # for it; an I/O-bound one delays the ack at most to the next tick (_TICK), when
+            # the connection thread settles whatever is done.
+            if self._work.empty():
+                self._waker.wake()
+
+    def _process(self, message: Message) -> _Outcome:
+        """Runs on a worker thread; reads the message but never touches the connection."""
         started = time.monotonic()
-        metrics.IN_PROGRESS.labels(self.name).inc()
-        outcome = _Outcome()
+        self._in_progress.inc()
+        body = message.body
+        outcome = _Outcome(attempt=_attempt_of(message.headers))
         try:
             event = parse_event(body, self.handler.event_type)
             outcome.client_id, outcome.event_id = event.client_id, event.event_id
-            with structlog.contextvars.bound_contextvars(
+            delivery = Delivery(
+                message_id=message.properties.get("message_id"),
+                attempt=outcome.attempt,
+                redelivered=bool(message.delivery_info.get("redelivered")),
+            )
+            # Handlers' own log lines name the message they are about.
+            tokens = structlog.contextvars.bind_contextvars(
                 consumer=self.name,
                 client_id=event.client_id,
                 event_id=event.event_id,
-                attempt=delivery.attempt,
-            ):
+                attempt=outcome.attempt,
+            )
+            try:
                 self.handler.handle(event, delivery)  # type: ignore[arg-type]
+            finally:
+                structlog.contextvars.reset_contextvars(**tokens)
             if self.on_success is not None:
                 try:
                     self.on_success(self.name, event)
@@ -359,23 +526,27 @@ class ConsumerRuntime(Generic[E]):
             self.log.exception("handler failed unexpectedly", event_id=outcome.event_id)
             outcome.error = _internal_error(exc)
         finally:
-            metrics.IN_PROGRESS.labels(self.name).dec()
-            metrics.PROCESSING_SECONDS.labels(self.name).observe(time.monotonic() - started)
+            self._in_progress.dec()
+            self._processing.observe(time.monotonic() - started)
         if outcome.error is not None and outcome.client_id is None:
             outcome.client_id = _peek_client_id(body)
         return outcome
 
+    # --- settling, on the connection thread -------------------------------------------------
+
     def _settle(self, producer: Producer) -> None:
         """Acknowledge finished messages, after their retry or dead letter is confirmed."""
-        done = [item for item in self._in_flight if item.future.done()]
-        if not done:
+        if self._done.empty():
             return
-        self._in_flight = [item for item in self._in_flight if not item.future.done()]
-        # Hand the workers their next messages first: they run while this thread acks.
-        self._start_pending()
-        for item in done:
+        handled: list[Message] = []
+        while not self._done.empty():  # only this thread takes from _done
+            message, outcome = self._done.get_nowait()
+            self._at_workers -= 1
+            if outcome.error is None:
+                handled.append(message)
+                continue
             try:
-                self._settle_one(producer, item)
+                self._settle_failed(producer, message, outcome, outcome.error)
             except _BROKER_TROUBLE:
                 raise  # the connection is gone: the broker redelivers what was not acked
             except Exception:
@@ -383,35 +554,57 @@ class ConsumerRuntime(Generic[E]):
                 # must not look like a broker outage, or it would come back forever. Reject
                 # it: the work queue's own dead-letter exchange takes it to the .dlq.
                 self.log.exception("could not settle a message; rejected to the dead letters")
-                item.message.reject(requeue=False)
+                message.reject(requeue=False)
                 metrics.MESSAGES.labels(self.name, "dead_letter").inc()
+            del self._in_flight[message.delivery_tag]
+        if handled:
+            self._ack_handled(handled)
 
-    def _settle_one(self, producer: Producer, item: _InFlight) -> None:
-        outcome = item.future.result()
-        message = item.message
-        error = outcome.error
-        if error is None:
-            message.ack()
-            metrics.MESSAGES.labels(self.name, "ok").inc()
-            metrics.LAST_SUCCESS.labels(self.name).set_to_current_time()
-            return
+    def _ack_handled(self, handled: list[Message]) -> None:
+        """Ack messages whose handler returned. The run of them at the bottom of the channel's
+        unsettled window goes in one ``basic.ack(multiple=True)``, which acks every tag up to
+        its own: only ever tags whose handler returned. The others are acked one by one now
+        rather than held back behind a slower message."""
+        in_flight = self._in_flight
+        rest = {message.delivery_tag for message in handled}
+        if self._multiple_ack and len(rest) > 1:
+            run: list[int] = []
+            for tag in in_flight:  # lowest tag first
+                if tag not in rest:
+                    break
+                run.append(tag)
+            if len(run) > 1:
+                in_flight[run[-1]].ack(multiple=True)
+                for tag in run:
+                    del in_flight[tag]
+                rest.difference_update(run)
+                self._ok.inc(len(run))
+        for tag in sorted(rest):
+            in_flight.pop(tag).ack()
+            self._ok.inc()
+        self._last_success.set_to_current_time()
+
+    def _settle_failed(
+        self, producer: Producer, message: Message, outcome: _Outcome, error: BridgeError
+    ) -> None:
+        attempt = outcome.attempt
         metrics.MESSAGE_ERRORS.labels(self.name, error.error_type).inc()
         bound = self.log.bind(
             client_id=outcome.client_id,
             event_id=outcome.event_id,
             error_type=error.error_type,
             reason=error.reason,
-            attempt=item.attempt,
+            attempt=attempt,
         )
-        if error.fate is Fate.RETRY and item.attempt < self.options.max_attempts:
-            delay = self.topology.retry_delay(item.attempt)
+        if error.fate is Fate.RETRY and attempt < self.options.max_attempts:
+            delay = self.topology.retry_delay(attempt)
             self._republish(
                 producer,
                 message,
                 exchange="",
                 routing_key=self.topology.retry_queue_name(delay),
                 headers={
-                    ATTEMPT_HEADER: item.attempt + 1,
+                    ATTEMPT_HEADER: attempt + 1,
                     "cscart-last-error-type": error.error_type,
                     "cscart-last-reason": error.reason[:500],
                 },
@@ -425,7 +618,7 @@ class ConsumerRuntime(Generic[E]):
                 message,
                 exchange=DEAD_LETTER_EXCHANGE,
                 routing_key=self.topology.dead_letter_queue_name,
-                headers=self._dead_letter_headers(error, item.attempt, outcome),
+                headers=self._dead_letter_headers(error, attempt, outcome),
             )
             message.ack()
             metrics.MESSAGES.labels(self.name, "dead_letter").inc()

@@ -278,3 +278,183 @@ def test_odd_content_encodings_are_retried_and_dead_lettered_not_looped(
     assert headers_of(dead)["cscart-error-type"] in ("store-unreachable", "invalid-message")
     if encoding in ("latin-1", "binary", "gzip"):
         assert raw == body  # the payload support sees is the one FM sent
+
+
+def _unacked(url: str, queue_name: str) -> int:
+    """What the broker counts as delivered and not yet acknowledged on a queue (from its
+    statistics, which lag by a few seconds: poll it with wait_for)."""
+    vhost = url.rsplit("/", 1)[1]
+    out = subprocess.run(
+        ["rabbitmqctl", "list_queues", "-p", vhost, "name", "messages_unacknowledged",
+         "--no-table-headers", "-q"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    counts = dict(line.split("\t") for line in out.strip().splitlines() if "\t" in line)
+    return int(counts.get(queue_name, 0))
+
+
+class Gated(Recorder):
+    """A handler that holds the messages named in ``gates`` until their event is set."""
+
+    def __init__(self, *gated: str) -> None:
+        super().__init__()
+        self.gates = {ref: threading.Event() for ref in gated}
+
+    def handle(self, event: ShipmentLodged, delivery: Delivery) -> None:
+        super().handle(event, delivery)
+        gate = self.gates.get(event.shipment_ref)
+        if gate is not None:
+            assert gate.wait(30), "test gate never opened"
+
+
+def test_later_messages_finishing_first_never_ack_an_unfinished_earlier_one(
+    broker_url: str,
+) -> None:
+    """Concurrency 2: A (delivered first, lowest delivery tag) is still being handled while
+    B, C and D finish. They are acked; A is not, so when the connection drops A comes back
+    and only A: a multiple ack covering A would have lost it."""
+    declare(broker_url)
+    for ref in "ABCD":
+        publish_json(broker_url, shipment_event(ref), "shipment.lodged")
+    handler = Gated("A")
+    vhost = broker_url.rsplit("/", 1)[1]
+    with running(handler, broker_url, prefetch=4, concurrency=2, heartbeat=5) as runtime:
+        wait_for(lambda: sorted(handler.refs()) == ["A", "B", "C", "D"])
+        wait_for(lambda: _unacked(broker_url, WORK) == 1, timeout=20)  # A alone
+        assert depth(broker_url, WORK) == 0
+        subprocess.run(
+            ["rabbitmqctl", "close_all_connections", "-p", vhost, "test: broker restart"],
+            check=True, capture_output=True,
+        )
+        wait_for(lambda: not runtime.ready, timeout=20)
+        handler.gates["A"].set()  # A finishes on the lost connection: its ack cannot happen
+        wait_for(lambda: handler.refs().count("A") == 2, timeout=40)
+        wait_for(lambda: depth(broker_url, WORK) == 0 and _unacked(broker_url, WORK) == 0)
+    assert sorted(handler.refs()) == ["A", "A", "B", "C", "D"]
+    [first_a, second_a] = [d for ref, d, _ in handler.calls if ref == "A"]
+    assert (first_a.redelivered, second_a.redelivered) == (False, True)
+
+
+def test_messages_run_in_parallel_with_concurrency_2(broker_url: str) -> None:
+    declare(broker_url)
+    handler = Gated("P1", "P2")
+    with running(handler, broker_url, prefetch=4, concurrency=2):
+        publish_json(broker_url, shipment_event("P1"), "shipment.lodged")
+        publish_json(broker_url, shipment_event("P2"), "shipment.lodged")
+        wait_for(lambda: sorted(handler.refs()) == ["P1", "P2"])  # both started, none done
+        handler.gates["P2"].set()
+        handler.gates["P1"].set()
+        wait_for(lambda: depth(broker_url, WORK) == 0 and _unacked(broker_url, WORK) == 0)
+
+
+def test_a_slow_message_does_not_hold_back_the_ack_of_the_one_before_it(
+    broker_url: str,
+) -> None:
+    """Concurrency 1, prefetch 2: Q1 is done while Q2 (already queued for the worker) takes
+    long. Q1 is acked within the heartbeat tick, not when Q2 is done."""
+    declare(broker_url)
+    for ref in ("Q1", "Q2"):
+        publish_json(broker_url, shipment_event(ref), "shipment.lodged")
+    handler = Gated("Q2")
+    ok = metrics.MESSAGES.labels("shipment-lodged", "ok")
+    before = ok._value.get()
+    with running(handler, broker_url, prefetch=2, concurrency=1):
+        wait_for(lambda: handler.refs() == ["Q1", "Q2"])
+        q1_done = time.monotonic()
+        wait_for(lambda: ok._value.get() - before == 1, timeout=5)
+        assert time.monotonic() - q1_done < 1.0
+        handler.gates["Q2"].set()
+        wait_for(lambda: ok._value.get() - before == 2)
+
+
+def test_each_finished_message_wakes_the_connection_thread_at_once(broker_url: str) -> None:
+    """Prefetch 1: the broker sends the next message only after the ack, so any wait between
+    a handler returning and its ack (a timed poll, the heartbeat tick) adds up per message."""
+    declare(broker_url)
+    for n in range(40):
+        publish_json(broker_url, shipment_event(f"W{n}"), "shipment.lodged")
+    handler = Recorder()
+    started = time.monotonic()
+    with running(handler, broker_url, prefetch=1, concurrency=1):
+        wait_for(lambda: len(handler.calls) == 40 and depth(broker_url, WORK) == 0)
+        elapsed = time.monotonic() - started
+    assert elapsed < 4.0  # 40 × the 0.2 s tick would be 8 s
+
+
+def test_an_idle_consumer_keeps_its_connection_and_wakes_for_the_next_message(
+    broker_url: str,
+) -> None:
+    """Asleep in poll() between heartbeat ticks, with nothing to do for 3 × the heartbeat."""
+    declare(broker_url)
+    handler = Recorder()
+    with running(handler, broker_url, heartbeat=2) as runtime:
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            assert runtime.ready  # a dropped connection clears it for ≥ 1 s
+            time.sleep(0.05)
+        publish_json(broker_url, shipment_event("I1"), "shipment.lodged")
+        wait_for(lambda: handler.refs() == ["I1"], timeout=5)
+
+
+def test_stopping_hands_back_messages_no_worker_started(broker_url: str) -> None:
+    """Prefetch 4, concurrency 1: S1 is being handled, S2 and S3 wait in the runtime. Stopping
+    finishes S1 and hands S2 and S3 back to the broker without handling them."""
+    declare(broker_url)
+    for ref in ("S1", "S2", "S3"):
+        publish_json(broker_url, shipment_event(ref), "shipment.lodged")
+    handler = Gated("S1")
+    requeued = metrics.MESSAGES.labels("shipment-lodged", "requeued")
+    before = requeued._value.get()
+    with running(handler, broker_url, prefetch=4, concurrency=1, shutdown_grace=20) as runtime:
+        wait_for(lambda: handler.refs() == ["S1"])
+        wait_for(lambda: _unacked(broker_url, WORK) == 3)
+        runtime.stop()
+        time.sleep(0.3)
+        handler.gates["S1"].set()
+    # The runtime has returned and closed its connection: S1 acked, S2 and S3 back.
+    assert handler.refs() == ["S1"]
+    assert requeued._value.get() - before == 2
+    assert depth(broker_url, WORK) == 2
+
+
+def test_a_delivery_read_while_a_retry_awaits_its_confirm_is_handled_at_once(
+    broker_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting for a publish confirm reads the connection, so kombu may deliver the next
+    message then. It is handled at once, not when something else next arrives."""
+    from cscart_fm.runtime import ConsumerRuntime
+
+    declare(broker_url, delays=(30,))
+    handler = Recorder({"F": [StoreUnreachable("down")]})
+    republish = ConsumerRuntime._republish
+    late: list[float] = []
+
+    def republish_after_a_delivery(producer, message, **kwargs):  # type: ignore[no-untyped-def]
+        if not late:
+            publish_json(broker_url, shipment_event("LATE"), "shipment.lodged")
+            time.sleep(0.5)  # its delivery is on the socket before the confirm
+            late.append(time.monotonic())
+        republish(producer, message, **kwargs)
+
+    monkeypatch.setattr(ConsumerRuntime, "_republish", staticmethod(republish_after_a_delivery))
+    with running(handler, broker_url, delays=(30,), prefetch=4, max_attempts=3):
+        publish_json(broker_url, shipment_event("F"), "shipment.lodged")
+        wait_for(lambda: "LATE" in handler.refs(), timeout=10)
+        [(_, _, handled_at)] = [call for call in handler.calls if call[0] == "LATE"]
+    assert handled_at - late[0] < 1.0  # not held until the next delivery (F, in 30 s)
+
+
+def test_a_plain_amqp_connection_is_waited_on_through_its_socket(broker_url: str) -> None:
+    """The tests above run the runtime in its socket mode (TLS and memory:// use timed waits)."""
+    from cscart_fm.broker import connect
+    from cscart_fm.runtime import _broker_socket, _Waker
+
+    waker = _Waker()
+    try:
+        with connect(broker_url) as conn:
+            conn.connect()
+            broker = _broker_socket(conn, waker)
+            assert broker is not None
+            assert broker.fd == conn.connection.sock.fileno()
+    finally:
+        waker.close()
