@@ -355,9 +355,9 @@ def test_replay_under_a_broker_restart_loses_nothing_and_doubles_nothing(
     class CountingPublisher(Publisher):
         reconnects = 0
 
-        def _reset(self) -> None:
+        def _reset(self, channel: Any = None) -> None:
             CountingPublisher.reconnects += 1
-            super()._reset()
+            super()._reset(channel)
 
     def restart_broker_connections() -> None:
         subprocess.run(
