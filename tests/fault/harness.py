@@ -38,11 +38,21 @@ def size(short: int, full: int) -> int:
 
 
 def report(title: str, figures: dict[str, Any]) -> None:
-    """Print a run's figures (shown with ``pytest -s``, and in the failure report)."""
+    """Print a run's figures (shown with ``pytest -s``, and in the failure report); with
+    ``CSCART_FM_FAULT_REPORT`` naming a file, also append them there as a Markdown table
+    (how docs/benchmarks.md gets the figures of a full run)."""
     width = max(len(k) for k in figures)
-    lines = [f"--- fault run: {title} ({'full' if FULL else 'short'} form)"]
+    form = "full" if FULL else "short"
+    lines = [f"--- fault run: {title} ({form} form)"]
     lines += [f"    {key:<{width}}  {value}" for key, value in figures.items()]
     print("\n".join(lines), flush=True)
+    target = os.environ.get("CSCART_FM_FAULT_REPORT")
+    if target:
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        table = [f"#### {title} ({form} form, {when})", "", "| figure | value |", "|---|---|"]
+        table += [f"| {key.strip()} | {value} |" for key, value in figures.items()]
+        with open(target, "a", encoding="utf-8") as out:
+            out.write("\n".join(table) + "\n\n")
 
 
 def free_port() -> int:
