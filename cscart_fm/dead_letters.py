@@ -1003,6 +1003,14 @@ class DeadLetterResolver:
         if not self._ready:
             ensure_table(self.store)
             self._ready = True
+        c = dead_letters.c
+        with self.store.engine.connect() as conn:
+            # Almost every success has nothing to resolve: a read, not a write per message.
+            open_ = conn.execute(
+                sa.select(c.id).where(c.key == key, c.status.in_([OPEN, REPLAYED])).limit(1)
+            ).first()
+        if open_ is None:
+            return
         with self.store.transaction() as conn:
             resolved = resolve(conn, key, by=f"{consumer}:{event.event_id}"[:200])
         if resolved:
