@@ -13,7 +13,7 @@ import os
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -36,8 +36,25 @@ schema_version = sa.Table(
 )
 
 Migration = Callable[[Connection], None]
-MIGRATIONS: list[Migration] = []
-"""Schema changes after the first release, in order; ``create_all`` makes new tables."""
+
+
+def _claimed_orders_index(conn: Connection) -> None:
+    """1: claimed orders are found from a partial index holding only them. With an index on
+    (client, state), SQLite walked the client's whole history for them by primary key, and
+    with one on (client, state, id) it walked that index to look orders up by id: each cost
+    an idle tick 6–10 ms at 100,000 imported orders."""
+    conn.execute(
+        sa.text(
+            "CREATE INDEX IF NOT EXISTS ix_imported_orders_claimed "
+            "ON imported_orders (client_id, cart_order_id) WHERE state = 'claimed'"
+        )
+    )
+    conn.execute(sa.text("DROP INDEX IF EXISTS ix_imported_orders_client_state"))
+
+
+MIGRATIONS: list[Migration] = [_claimed_orders_index]
+"""Schema changes after the first release, in order (a new database is created at the
+latest schema by ``create_all``, and skips them)."""
 
 DEFAULT_STATE_URL = "sqlite:///cscart-fm.sqlite"
 
@@ -151,6 +168,20 @@ class StateStore:
         # RETURNING, not rowcount: psycopg 3 reports -1 for an INSERT ... ON CONFLICT.
         marker = next(iter(table.primary_key.columns))
         return conn.execute(statement.returning(marker)).first() is not None
+
+    def insert_ignore_many(
+        self, conn: Connection, table: sa.Table, rows: Sequence[Mapping[str, Any]]
+    ) -> set[tuple[Any, ...]]:
+        """Insert the rows whose key does not exist yet; the keys (primary-key tuples) of
+        the rows this call inserted. One cached statement run for all the rows (SQLAlchemy
+        sends them as multi-row INSERTs), not a statement compiled per call."""
+        if not rows:
+            return set()
+        dialect_insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        statement = (
+            dialect_insert(table).on_conflict_do_nothing().returning(*table.primary_key.columns)
+        )
+        return {tuple(row) for row in conn.execute(statement, list(rows))}
 
     def upsert(
         self,

@@ -8,7 +8,7 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from cscart_fm.state import StateStore, metadata, schema_version
+from cscart_fm.state import MIGRATIONS, StateStore, metadata, schema_version
 
 probe = sa.Table(
     "test_probe",
@@ -27,7 +27,7 @@ def test_schema_is_created_at_start_and_reopening_is_harmless(state_url: str) ->
     with second.engine.connect() as conn:
         versions = conn.execute(sa.select(schema_version.c.version)).scalars().all()
         assert "test_probe" in sa.inspect(conn).get_table_names()
-    assert versions == [0]
+    assert versions == [len(MIGRATIONS)]  # a new database starts at the latest schema
     first.close()
     second.close()
 
@@ -40,6 +40,42 @@ def test_insert_ignore_inserts_once(state_url: str) -> None:
     with store.engine.connect() as conn:
         assert conn.execute(sa.select(probe.c.value)).scalar_one() == 1
     store.close()
+
+
+def test_insert_ignore_many_inserts_the_missing_rows_and_names_them(state_url: str) -> None:
+    store = StateStore.open(state_url)
+    with store.transaction() as conn:
+        store.insert_ignore(conn, probe, {"client_id": "A", "key": "k2", "value": 1})
+        rows = [{"client_id": "A", "key": f"k{i}", "value": 10 + i} for i in range(5)]
+        assert store.insert_ignore_many(conn, probe, rows) == {
+            ("A", "k0"), ("A", "k1"), ("A", "k3"), ("A", "k4")}
+        assert store.insert_ignore_many(conn, probe, []) == set()
+    with store.engine.connect() as conn:
+        values = dict(conn.execute(sa.select(probe.c.key, probe.c.value)).all())
+    assert values == {"k0": 10, "k1": 11, "k2": 1, "k3": 13, "k4": 14}  # k2 kept as it was
+    store.close()
+
+
+def test_an_older_database_is_migrated_when_the_service_starts(state_url: str) -> None:
+    """A database of the first release (schema 0): the claimed-orders index it had is
+    replaced by the one that finds claimed orders without walking the history."""
+    store = StateStore.open(state_url)
+    with store.transaction() as conn:
+        conn.execute(sa.text("DROP INDEX ix_imported_orders_claimed"))
+        conn.execute(sa.text(
+            "CREATE INDEX ix_imported_orders_client_state ON imported_orders (client_id, state)"))
+        conn.execute(sa.delete(schema_version))
+        conn.execute(schema_version.insert().values(version=0, applied_at=sa.func.now()))
+    store.close()
+
+    reopened = StateStore.open(state_url)
+    with reopened.engine.connect() as conn:
+        indexes = {ix["name"] for ix in sa.inspect(conn).get_indexes("imported_orders")}
+        versions = sorted(conn.execute(sa.select(schema_version.c.version)).scalars())
+    assert "ix_imported_orders_claimed" in indexes
+    assert "ix_imported_orders_client_state" not in indexes
+    assert versions == [0, 1]
+    reopened.close()
 
 
 def test_upsert_with_a_guard_refuses_older_values(state_url: str) -> None:
