@@ -10,6 +10,10 @@ The store emulator (own process, CS-Cart 4.18: full orders in its list pages wit
 - The bound: the fewest calls the store's API allows for 2,000 orders is one list page per
   ``page_size`` orders (full orders come in the list), so pages = ceil(2,000 / page_size);
   bound = 20 ms × pages ÷ ``limits.concurrency`` (the per-store concurrency allowed).
+
+Three rounds, each on a fresh store, state, vhost and consumer process; the median is the
+figure. A fourth round at 200 ms (closer to a real store's time for a page of full orders)
+shows how much of the bridge's own work hides behind the store's latency.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from cscart.emulator import Fault
@@ -36,21 +41,30 @@ from .orders import LIMITS, FmQueue, finished, order_poll_service, seed_orders, 
 from .store import RemoteStore
 
 LATENCY = 0.020
+ROUNDS = 3
+SLOW_LATENCY = 0.200
+"""A diagnostic round at a latency closer to a real store's for a page of full orders."""
 
 
-def run(quick: bool = False) -> Result:
-    count = 500 if quick else 2_000
-    page_size = int(LIMITS["page_size"])
-    concurrency = int(LIMITS["concurrency"])
-    pages = math.ceil(count / page_size)
-    bound = LATENCY * pages / concurrency
-    result = Result(1, "Order import")
+@dataclass
+class Round:
+    wall: float
+    acked: float
+    poll_seconds: float
+    counts: dict[str, int]
+    queries: list[dict[str, list[str]]]
+    distinct: int
+    copies: int
+
+
+def _round(count: int, latency: float) -> Round:
+    """One import of ``count`` new orders: fresh store, state, vhost and consumer process."""
     with tempfile.TemporaryDirectory(prefix="cscart-fm-bench1-") as tmp, \
             RemoteStore(api_user=API_USER, api_key=API_KEY) as store, \
             fresh_vhost("b1") as url:
         work = Path(tmp)
         seed_orders(store, count, placed_from=int(time.time()) - count * 60 - 3600, step=60)
-        store.call("set_fault", "*", Fault(latency=LATENCY))
+        store.call("set_fault", "*", Fault(latency=latency))
         fm = FmQueue(url)
         fm.start()
         fm.ready.wait(30)
@@ -62,7 +76,6 @@ def run(quick: bool = False) -> Result:
             started = time.monotonic()
             tick(publisher)
             arrived = fm.wait_for(count, timeout=1800)
-            wall = arrived - started
             wait_until(lambda: finished(service) >= 1, timeout=600, interval=0.01)
             acked = time.monotonic() - started
             metrics = service.metrics()
@@ -72,32 +85,55 @@ def run(quick: bool = False) -> Result:
             publisher.close()
             service.stop()
             fm.stop()
-        poll_seconds = metric_value(metrics, "cscart_fm_order_poll_seconds_sum")
-        calls = sum(counts.values())
-        checks = sum(1 for q in queries if "order_id" in q)
-        probes = sum(1 for q in queries if q.get("items_per_page") == ["1"])
-        pages_read = len(queries) - checks - probes
-        per_order = calls / count
-        ratio = wall / bound
-        log(f"bench 1: {count} orders in {wall:.2f} s, {calls} calls {dict(counts)}")
-        result.add("wall time, tick → last order at FM's queue", fmt_s(wall),
-                   notes=f"the tick was acknowledged after {acked:.2f} s (the poll ends with "
-                   f"a check of the listing); the handler's own time {poll_seconds:.2f} s")
-        result.add("the bound", fmt_s(bound),
-                   notes=f"{LATENCY * 1000:.0f} ms × {pages} pages (ceil({count:,} / "
-                   f"page_size {page_size})) ÷ concurrency {concurrency}")
-        result.add("ratio to the bound", f"{ratio:.1f}×", "≤ 1.25×", ratio <= 1.25)
-        result.add("store calls", str(calls),
-                   notes=f"{pages_read} list pages, {checks} checks of the listing (orders "
-                   f"by id, 50 a request), {probes} capability probes; "
-                   + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-        result.add("calls per order", f"{per_order:.3f}", "≤ 0.05", per_order <= 0.05)
-        result.add("distinct orders at FM's queue", f"{len(fm.seen):,}", f"{count:,}",
-                   len(fm.seen) == count, notes=f"{fm.copies} extra copies")
+    found = Round(arrived - started, acked,
+                  metric_value(metrics, "cscart_fm_order_poll_seconds_sum"), dict(counts),
+                  queries, len(fm.seen), fm.copies)
+    log(f"bench 1: {count} orders at {latency * 1000:.0f} ms in {found.wall:.2f} s, "
+        f"{sum(counts.values())} calls {found.counts}")
+    return found
+
+
+def run(quick: bool = False) -> Result:
+    count = 500 if quick else 2_000
+    page_size = int(LIMITS["page_size"])
+    concurrency = int(LIMITS["concurrency"])
+    pages = math.ceil(count / page_size)
+    bound = LATENCY * pages / concurrency
+    result = Result(1, "Order import")
+    rounds = [_round(count, LATENCY) for _ in range(1 if quick else ROUNDS)]
+    median = sorted(rounds, key=lambda r: r.wall)[len(rounds) // 2]
+    calls = sum(median.counts.values())
+    sizes = sorted({q.get("items_per_page", ["?"])[0] for q in median.queries})
+    per_order = calls / count
+    ratio = median.wall / bound
+    result.add("wall time, tick → last order at FM's queue (median)", fmt_s(median.wall),
+               notes="each: " + ", ".join(fmt_s(r.wall) for r in rounds) + "; the median "
+               f"round's tick was acknowledged after {median.acked:.2f} s, the handler's own "
+               f"time {median.poll_seconds:.2f} s")
+    result.add("the bound", fmt_s(bound),
+               notes=f"{LATENCY * 1000:.0f} ms × {pages} pages (ceil({count:,} / "
+               f"page_size {page_size})) ÷ concurrency {concurrency}")
+    result.add("ratio to the bound", f"{ratio:.1f}×", "≤ 1.25×", ratio <= 1.25)
+    result.add("store calls", str(calls),
+               notes=f"{len(median.queries)} list pages (items_per_page {', '.join(sizes)}: a "
+               "page continuing a time range asks on top for the orders of its first second "
+               "already read); " + ", ".join(f"{k} {v}" for k, v in sorted(median.counts.items())))
+    result.add("calls per order", f"{per_order:.3f}", "≤ 0.05", per_order <= 0.05)
+    distinct = min(r.distinct for r in rounds)
+    result.add("distinct orders at FM's queue", f"{distinct:,}", f"{count:,}", distinct == count,
+               notes=f"{sum(r.copies for r in rounds)} extra copies in {len(rounds)} rounds")
+    if not quick:
+        slow = _round(count, SLOW_LATENCY)
+        slow_bound = SLOW_LATENCY * pages / concurrency
+        result.add(f"diagnostic: at {SLOW_LATENCY * 1000:.0f} ms store latency, ratio to the "
+                   "bound", f"{slow.wall / slow_bound:.2f}×",
+                   notes=f"{fmt_s(slow.wall)} vs a bound of {fmt_s(slow_bound)}: the bridge's "
+                   "own work (mapping, state, publishing) runs while pages are in flight")
     result.details.append(
         f"{count:,} new orders (status P, one line each) in the emulator (CS-Cart 4.18, full "
         f"orders in list pages), {LATENCY * 1000:.0f} ms added to every request. Client limits "
-        f"{LIMITS}. Fresh SQLite state and vhost. Bound = latency × ceil(orders / page_size) ÷ "
+        f"{LIMITS}. Fresh SQLite state, vhost, store and consumer process per round; "
+        f"{ROUNDS} rounds, the median reported. Bound = latency × ceil(orders / page_size) ÷ "
         "concurrency: one list page per page_size orders is the fewest calls the API allows, "
         "with `limits.concurrency` requests in flight at once."
     )

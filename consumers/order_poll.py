@@ -11,9 +11,13 @@ How a tick runs (one client; ``PollRun``):
 2. **Finish what a crash left**: every ``claimed`` row of the client (an order whose publish
    was not confirmed, or confirmed but not recorded) is published again from its stored body —
    same ``event_id``, same bytes — and marked ``published``.
-3. **List** the store with a stable sort (``order_id`` ascending), full orders in the list
-   pages where the store has ``get_orders_data`` (else slim pages and a detail call only for
-   an order about to be imported), page by page, one page in memory at a time. Which orders:
+3. **List** the store by placement time (``CsCartClient.order_pages``: each request asks for
+   a time range sorted by time and continues after the last order read, so an order leaving
+   the listing while it is read, as FM's shipments move orders from ``P`` to ``C``, shifts no
+   other order out of it, as offset paging would), with up to ``limits.concurrency`` requests
+   in flight; full orders in the list pages where the store has ``get_orders_data`` (else slim
+   items and a detail call only for an order about to be imported), a page in memory at a
+   time. Which orders:
 
    - ``full`` (the first poll, or the start date changed): pulled statuses placed from the
      start date (00:00 in the client's time zone, sent as a Unix time);
@@ -27,36 +31,26 @@ How a tick runs (one client; ``PollRun``):
    Every filter is checked here again; the store's filtering is never trusted alone.
 4. **Per page**: orders already recorded are skipped; the rest are judged (``judge``). The
    page's passing orders are *claimed* in one transaction — a row per order with the exact
-   body to publish — then published one by one (publisher confirms), then marked
-   ``published`` in one transaction. A crash before the claim loses nothing (the order is
-   listed again: the watermark has not moved); after it, step 2 of the next tick publishes
+   body to publish — then published together (publisher confirms awaited together), then
+   marked ``published`` in one transaction. A crash before the claim loses nothing (the order
+   is listed again: the watermark has not moved); after it, step 2 of the next tick publishes
    it with the same ``event_id``.
 5. **Watermark**: saved only once the run succeeded, never ahead of the store's clock at the
    start of the listing (see ``_Pass.mark``), so an order changed while the listing ran is
    still listed next time.
-
-Why a listing is checked after it ran (``verify``): CS-Cart pages by offset. An order that
-*leaves* a status-filtered listing while it is read (FM's own shipment push moves orders from
-``P`` to ``C``) shifts every later page back by one, and the order that slid over the page
-boundary is never read. With a watermark about to move past it, that order would be lost.
-So a multi-page, status-filtered listing is followed by a cheap check (the ids read, 50 per
-slim request): if any of them left, the listing is run again; it stays unsettled after three
-tries → the watermark is left as it was. The ``incremental`` listing has no status filter, so
-orders only ever join it (no shift, no check).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
 import time
-from array import array
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from itertools import islice
 from typing import TYPE_CHECKING, Any, Literal
 from zoneinfo import ZoneInfo
 
@@ -67,18 +61,14 @@ from pydantic import ValidationError
 from cscart.client import CsCartClient
 from cscart.statuses import resolve_all
 from cscart_fm import metrics
-from cscart_fm.broker import message_properties
+from cscart_fm.broker import Confirmation, Outgoing, contract_properties
 from cscart_fm.errors import BridgeError, NotFound, StoreError, StoreRefused
 from cscart_fm.state import metadata, utcnow
 from cscart_fm.topology import ORDER_IMPORTED, ORDERS_EXCHANGE
 from schemas.cscart import CartOrder
 from schemas.messages import (
-    Address,
     OrderImported,
-    OrderLine,
     OrderPollTick,
-    Party,
-    Totals,
     order_event_id,
 )
 from schemas.settings import ClientSettings
@@ -98,9 +88,6 @@ stamping its ``updated_at`` is not missed."""
 LOOKBACK_MARGIN_SECONDS = 3600
 """Added to ``status_lookback_days``: a poll's own delay never pushes an order out of it."""
 STATUS_CACHE_SECONDS = 300.0
-MAX_PASSES = 3
-"""Listings per tick when orders keep leaving the listing while it is read."""
-CHECK_IDS_PER_REQUEST = 50
 REPUBLISH_CHUNK = 100
 DECISION_RETENTION = timedelta(days=180)
 MAX_CLOCK_AHEAD_SECONDS = 86_400
@@ -144,7 +131,15 @@ imported_orders = sa.Table(
     sa.Column("placed_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("claimed_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("published_at", sa.DateTime(timezone=True), nullable=True),
-    sa.Index("ix_imported_orders_client_state", "client_id", "state"),
+    # Only the claimed orders (almost always none), in id order (republish_claimed): a
+    # full index on state would tempt SQLite to walk the whole history for other lookups.
+    sa.Index(
+        "ix_imported_orders_claimed",
+        "client_id",
+        "cart_order_id",
+        sqlite_where=sa.text("state = 'claimed'"),
+        postgresql_where=sa.text("state = 'claimed'"),
+    ),
     # The console's "orders imported today" per client.
     sa.Index("ix_imported_orders_client_published", "client_id", "published_at"),
 )
@@ -174,6 +169,31 @@ order_decisions = sa.Table(
     sa.Column("seen_at", sa.DateTime(timezone=True), nullable=False),
     sa.Index("ix_order_decisions_client_seen", "client_id", "seen_at"),
 )
+
+
+def claimed_after(client_id: str, after: int) -> sa.Select[Any]:
+    """The next claimed orders of a client (ids above ``after``), from the partial index.
+    The state is written into the SQL: a planner can use a partial index only for a value
+    it sees."""
+    table = imported_orders
+    return (
+        sa.select(table.c.cart_order_id, table.c.event_id, table.c.order_no, table.c.payload)
+        .where(
+            table.c.client_id == client_id,
+            table.c.state == sa.bindparam("claimed", CLAIMED, literal_execute=True),
+            table.c.cart_order_id > after,
+        )
+        .order_by(table.c.cart_order_id)
+        .limit(REPUBLISH_CHUNK)
+    )
+
+
+def recorded(client_id: str, ids: Sequence[int]) -> sa.Select[Any]:
+    """Which of these orders of a client are recorded (claimed or published), by key."""
+    table = imported_orders
+    return sa.select(table.c.cart_order_id, table.c.state).where(
+        table.c.client_id == client_id, table.c.cart_order_id.in_(ids)
+    )
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -344,62 +364,67 @@ def _name(first: str, last: str) -> str:
 
 
 def to_message(order: CartOrder, filters: Filters) -> OrderImported:
-    """The ``order.imported`` message of a full CS-Cart order (contract §2.2)."""
+    """The ``order.imported`` message of a full CS-Cart order (contract §2.2). Built as a
+    document and validated once by the schema (half the time of building each part as a
+    model)."""
     customer_name = _name(order.firstname, order.lastname)
     lines = [
-        OrderLine(
-            line_id=line.item_id or key,
-            sku=line.product_code,
-            name=line.product,
-            quantity=line.amount,
-            unit_price=money(line.price),
-        )
+        {
+            "line_id": line.item_id or key,
+            "sku": line.product_code,
+            "name": line.product,
+            "quantity": line.amount,
+            "unit_price": money(line.price),
+        }
         for key, line in order.products.items()
     ]
 
-    def address(prefix: Literal["s", "b"]) -> Address:
+    def address(prefix: Literal["s", "b"]) -> dict[str, str]:
         def get(name: str) -> str:
             return str(getattr(order, name))
 
-        return Address(
-            name=_name(get(f"{prefix}_firstname"), get(f"{prefix}_lastname")) or customer_name,
-            company=order.company,
-            address1=get(f"{prefix}_address"),
-            address2=get(f"{prefix}_address_2"),
-            city=get(f"{prefix}_city"),
-            state=get(f"{prefix}_state"),
-            postcode=get(f"{prefix}_zipcode"),
-            country=get(f"{prefix}_country").strip().upper(),
-            phone=get(f"{prefix}_phone") or order.phone,
-            email=order.email,
-        )
+        return {
+            "name": _name(get(f"{prefix}_firstname"), get(f"{prefix}_lastname"))
+            or customer_name,
+            "company": order.company,
+            "address1": get(f"{prefix}_address"),
+            "address2": get(f"{prefix}_address_2"),
+            "city": get(f"{prefix}_city"),
+            "state": get(f"{prefix}_state"),
+            "postcode": get(f"{prefix}_zipcode"),
+            "country": get(f"{prefix}_country").strip().upper(),
+            "phone": get(f"{prefix}_phone") or order.phone,
+            "email": order.email,
+        }
 
-    return OrderImported(
-        event_id=order_event_id(filters.client_id, order.order_id),
-        client_id=filters.client_id,
-        order_no=f"{filters.prefix}{order.order_id}",
-        cart_order_id=order.order_id,
-        cart_status=order.status,
-        placed_at=datetime.fromtimestamp(order.timestamp, filters.zone),
-        is_test=bool(lines) and all(line.sku in filters.test_skus for line in lines),
-        currency=order.secondary_currency,
-        customer=Party(
-            name=customer_name,
-            email=order.email,
-            phone=order.phone or order.b_phone or order.s_phone,
-        ),
-        ship_to=address("s"),
-        bill_to=address("b"),
-        shipping_method=order.shipping[0].shipping if order.shipping else "",
-        notes=order.notes,
-        lines=lines,
-        totals=Totals(
-            subtotal=money(order.subtotal),
-            shipping=money(order.shipping_cost),
-            tax=money(order.tax_subtotal),
-            discount=money(order.discount + order.subtotal_discount),
-            total=money(order.total),
-        ),
+    return OrderImported.model_validate(
+        {
+            "event_id": order_event_id(filters.client_id, order.order_id),
+            "client_id": filters.client_id,
+            "order_no": f"{filters.prefix}{order.order_id}",
+            "cart_order_id": order.order_id,
+            "cart_status": order.status,
+            "placed_at": datetime.fromtimestamp(order.timestamp, filters.zone),
+            "is_test": bool(lines) and all(line["sku"] in filters.test_skus for line in lines),
+            "currency": order.secondary_currency,
+            "customer": {
+                "name": customer_name,
+                "email": order.email,
+                "phone": order.phone or order.b_phone or order.s_phone,
+            },
+            "ship_to": address("s"),
+            "bill_to": address("b"),
+            "shipping_method": order.shipping[0].shipping if order.shipping else "",
+            "notes": order.notes,
+            "lines": lines,
+            "totals": {
+                "subtotal": money(order.subtotal),
+                "shipping": money(order.shipping_cost),
+                "tax": money(order.tax_subtotal),
+                "discount": money(order.discount + order.subtotal_discount),
+                "total": money(order.total),
+            },
+        }
     )
 
 
@@ -422,6 +447,7 @@ class Claim:
     event_id: str
     order_no: str
     body: bytes
+    schema: str  # the ``schema`` header: <type>/<version> of the body
     cart_status: str = ""
     placed_at: datetime | None = None
 
@@ -432,9 +458,33 @@ class Claim:
             event_id=message.event_id,
             order_no=message.order_no,
             body=message.to_body(),
+            schema=message.schema_name,
             cart_status=message.cart_status,
             placed_at=message.placed_at,
         )
+
+    @classmethod
+    def stored(cls, cart_order_id: int, event_id: str, order_no: str, payload: str) -> Claim:
+        """A claim a previous run recorded, published again exactly as it was."""
+        document = json.loads(payload)
+        schema = f"{document.get('type')}/{document.get('version')}"
+        return cls(cart_order_id, event_id, order_no, payload.encode(), schema)
+
+
+_Sent = tuple[list[Claim], Confirmation]
+"""Orders published, their confirms still to come."""
+
+
+def _not_confirmed(claims: Sequence[Claim], exc: BaseException) -> BridgeError:
+    return BridgeError(
+        f"publishing {len(claims)} orders (from {claims[0].cart_order_id}) to "
+        f"{ORDERS_EXCHANGE} was not confirmed ({type(exc).__name__}); they are published "
+        "again on the next attempt",
+        action=(
+            "The broker did not confirm order.imported messages. Retried automatically; if "
+            "dead-lettered, check RabbitMQ, then replay."
+        ),
+    )
 
 
 # --- planning a listing -------------------------------------------------------------------------
@@ -457,7 +507,6 @@ class Plan:
     statuses: tuple[str, ...]
     updated_from: int | None
     lookback: Lookback
-    verify: bool  # check a multi-page listing for orders that left it while it was read
 
     def describe(self, filters: Filters) -> str:
         if self.mode == "incremental":
@@ -492,7 +541,7 @@ def plan_listing(
     filters: Filters, watermark: Watermark | None, store: CsCartClient, now: float
 ) -> Plan:
     if watermark is None or watermark.start_key != filters.start_key:
-        return Plan("full", filters.start_ts, filters.letters, None, Lookback(), verify=True)
+        return Plan("full", filters.start_ts, filters.letters, None, Lookback())
     updated_at = store.supports_updated_at()
     if (
         updated_at
@@ -505,21 +554,13 @@ def plan_listing(
             (),
             watermark.updated_mark - OVERLAP_SECONDS,
             Lookback("entered_within", filters.lookback_seconds + LOOKBACK_MARGIN_SECONDS),
-            verify=False,
         )
     anchor = min(now, watermark.last_started_at.timestamp())
     window_start = max(
         filters.start_ts, int(anchor) - filters.lookback_seconds - LOOKBACK_MARGIN_SECONDS
     )
-    # Without updated_at every tick lists the window again: a shifted page heals itself.
-    return Plan(
-        "window",
-        window_start,
-        filters.letters,
-        None,
-        Lookback("placed_from", window_start),
-        verify=updated_at,
-    )
+    lookback = Lookback("placed_from", window_start)
+    return Plan("window", window_start, filters.letters, None, lookback)
 
 
 # --- the handler ----------------------------------------------------------------------------------
@@ -623,11 +664,24 @@ class _Pass:
     """What one listing saw."""
 
     listed: int = 0
-    imported: int = 0
-    settled: bool = True
-    departed: int = 0
     best_lead: float | None = None  # max(updated_at - our clock when read): ≤ store clock offset
     started: float = 0.0
+
+    def note(self, orders: Sequence[CartOrder]) -> None:
+        """Count a page and learn from its ``updated_at`` how far the store's clock is."""
+        read_at = time.time()
+        self.listed += len(orders)
+        for order in orders:
+            if order.updated_at is None:
+                continue
+            lead = order.updated_at - read_at
+            if lead > MAX_CLOCK_AHEAD_SECONDS:
+                log.warning(
+                    "order changed in the far future by our clock: ignored for the watermark",
+                    cart_order_id=order.order_id,
+                )
+            elif self.best_lead is None or lead > self.best_lead:
+                self.best_lead = lead
 
     def mark(self) -> int | None:
         """The watermark this listing allows: the store's clock when the listing started, or
@@ -661,36 +715,14 @@ class PollRun:
         watermark = load_watermark(self.services, self.client_id)
         plan = plan_listing(filters, watermark, self.store, time.time())
         mark = watermark.updated_mark if watermark is not None else None
-        passes = 0
-        while True:
-            passes += 1
-            result = self.list_and_import(plan, filters)
-            candidate = result.mark()
-            if candidate is not None:
-                mark = candidate if mark is None else max(mark, candidate)
-            if result.settled:
-                break
-            if passes >= MAX_PASSES:
-                log.warning(
-                    "orders kept leaving the listing while it was read: the watermark stays "
-                    "where it was and the next tick lists the same orders again",
-                    mode=plan.mode,
-                    departed=result.departed,
-                    passes=passes,
-                )
-                break
-            log.info(
-                "orders left the listing while it was read; listing again so none is skipped",
-                mode=plan.mode,
-                departed=result.departed,
-            )
-        if result.settled:
-            self.save_watermark(plan, filters, mark, run_started)
+        result = self.list_and_import(plan, filters)
+        candidate = result.mark()
+        if candidate is not None:
+            mark = candidate if mark is None else max(mark, candidate)
+        self.save_watermark(plan, filters, mark, run_started)
         self.handler.maybe_prune(self.client_id)
         return {
             "mode": plan.mode,
-            "passes": passes,
-            "settled": result.settled,
             "listed": result.listed,
             "imported": self.imported,
             "republished": republished,
@@ -702,23 +734,11 @@ class PollRun:
     def republish_claimed(self) -> int:
         """Publish again every claimed order of the client from its stored body (same
         event_id, same bytes) and record it; return how many."""
-        table = imported_orders
         last = -1
         count = 0
         while True:
             with self.state.engine.connect() as conn:
-                rows = conn.execute(
-                    sa.select(
-                        table.c.cart_order_id, table.c.event_id, table.c.order_no, table.c.payload
-                    )
-                    .where(
-                        table.c.client_id == self.client_id,
-                        table.c.state == CLAIMED,
-                        table.c.cart_order_id > last,
-                    )
-                    .order_by(table.c.cart_order_id)
-                    .limit(REPUBLISH_CHUNK)
-                ).all()
+                rows = conn.execute(claimed_after(self.client_id, last)).all()
             if not rows:
                 return count
             last = rows[-1].cart_order_id
@@ -728,10 +748,9 @@ class PollRun:
                     log.error("claimed order has no stored body", cart_order_id=row.cart_order_id)
                     continue
                 claims.append(
-                    Claim(row.cart_order_id, row.event_id, row.order_no, row.payload.encode())
+                    Claim.stored(row.cart_order_id, row.event_id, row.order_no, row.payload)
                 )
-            for claim in claims:
-                self.publish(claim)
+            self.publish(claims)
             self.mark_published(claims)
             count += len(claims)
             log.info("re-published orders a previous run had claimed", count=len(claims))
@@ -739,69 +758,39 @@ class PollRun:
     # --- steps 3 and 4: list, judge, claim, publish, record --------------------------------------
 
     def list_and_import(self, plan: Plan, filters: Filters) -> _Pass:
-        size = self.settings.limits.page_size
-        full = self.store.supports_orders_data()
+        """List, judge, claim, publish and record, a page at a time, pipelined: a page's
+        confirms come back while the next page is judged, and one transaction per page
+        records the previous page as published and claims this one."""
         result = _Pass(started=time.time())
-        read_ids = array("q")
-        orders = self.store.iter_orders(
+        pages = self.store.order_pages(
             statuses=plan.statuses,
             time_from=plan.time_from,
             updated_from=plan.updated_from,
-            full=full,
-            page_size=size,
+            page_size=self.settings.limits.page_size,
         )
-        while True:
-            batch = self.next_batch(orders, size)
-            if not batch:
-                break
-            read_at = time.time()
-            for order in batch:
-                if plan.verify:
-                    read_ids.append(order.order_id)
-                if order.updated_at is not None:
-                    lead = order.updated_at - read_at
-                    if lead > MAX_CLOCK_AHEAD_SECONDS:
-                        log.warning(
-                            "order changed in the far future by our clock: ignored for the "
-                            "watermark",
-                            cart_order_id=order.order_id,
-                        )
-                    elif result.best_lead is None or lead > result.best_lead:
-                        result.best_lead = lead
-            result.listed += len(batch)
-            result.imported += self.import_batch(batch, plan, filters)
-        if plan.verify and result.listed >= size:
-            departed = self.departed(plan, read_ids)
-            result.departed = len(departed)
-            result.settled = not departed
+        sent: _Sent | None = None  # published, confirms still coming
+        try:
+            for page in pages:
+                result.note(page.items)
+                ready, skips, prior = self.judge_page(page.items, plan, filters)
+                previous, sent = sent, None
+                published = self.confirmed(previous)
+                claimed = self.record(ready, skips, prior, published)
+                sent = self.send(claimed)
+            previous, sent = sent, None
+            self.mark_published(self.confirmed(previous))
+        except Exception:
+            if sent is not None:
+                # Spare FM copies on the next attempt: what was confirmed is recorded.
+                with contextlib.suppress(Exception):
+                    self.mark_published(self.confirmed(sent))
+            raise
         return result
 
-    @staticmethod
-    def next_batch(orders: Iterable[CartOrder], size: int) -> list[CartOrder]:
-        """The next page's worth of orders (the client fetches a page when the last one ran
-        out, so a batch is at most a page and a page)."""
-        return list(islice(orders, size))
-
-    def departed(self, plan: Plan, read_ids: Sequence[int]) -> list[int]:
-        """The orders read by a status-filtered listing that are no longer in it (a slim
-        request per 50 ids, one chunk in memory at a time)."""
-        gone: list[int] = []
-        for at in range(0, len(read_ids), CHECK_IDS_PER_REQUEST):
-            chunk = list(read_ids[at : at + CHECK_IDS_PER_REQUEST])
-            present = {
-                order.order_id
-                for order in self.store.iter_orders(
-                    order_ids=chunk,
-                    statuses=plan.statuses,
-                    time_from=plan.time_from,
-                    full=False,
-                    page_size=CHECK_IDS_PER_REQUEST,
-                )
-            }
-            gone.extend(order_id for order_id in chunk if order_id not in present)
-        return gone
-
-    def import_batch(self, batch: list[CartOrder], plan: Plan, filters: Filters) -> int:
+    def judge_page(
+        self, batch: Sequence[CartOrder], plan: Plan, filters: Filters
+    ) -> tuple[list[Claim], list[tuple[CartOrder, Verdict]], dict[int, tuple[str, str]]]:
+        """The page's orders to claim (each mapped to its message) and those skipped."""
         ids = [order.order_id for order in batch]
         known = self.known(ids)
         prior = self.prior_decisions(ids)
@@ -832,23 +821,11 @@ class PollRun:
                 detail = f"cannot be mapped to order.imported: {_validation_summary(exc)}"
                 log.error("order cannot be published", cart_order_id=order.order_id, error=detail)
                 skips.append((order, Verdict(UNMAPPABLE, detail)))
-        self.record_skips(skips, prior)
-        if not ready:
-            return 0
-        claimed = self.claim(ready)
-        for claim in claimed:
-            self.publish(claim)
-        self.mark_published(claimed)
-        return len(claimed)
+        return ready, skips, prior
 
     def known(self, ids: Sequence[int]) -> dict[int, str]:
-        table = imported_orders
         with self.state.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(table.c.cart_order_id, table.c.state).where(
-                    table.c.client_id == self.client_id, table.c.cart_order_id.in_(ids)
-                )
-            ).all()
+            rows = conn.execute(recorded(self.client_id, ids)).all()
         return {row.cart_order_id: row.state for row in rows}
 
     def prior_decisions(self, ids: Sequence[int]) -> dict[int, tuple[str, str]]:
@@ -865,11 +842,18 @@ class PollRun:
         metrics.ORDERS_SKIPPED.labels(self.client_id, reason).inc(n)
         self.skipped[reason] = self.skipped.get(reason, 0) + n
 
-    def record_skips(
-        self, skips: list[tuple[CartOrder, Verdict]], prior: Mapping[int, tuple[str, str]]
-    ) -> None:
-        """Count skips and keep the per-order ones for ``explain`` (written only when they
-        changed, so that listing the same orders again costs no write)."""
+    def record(
+        self,
+        ready: Sequence[Claim],
+        skips: Sequence[tuple[CartOrder, Verdict]],
+        prior: Mapping[int, tuple[str, str]],
+        published: Sequence[Claim],
+    ) -> list[Claim]:
+        """One transaction: ``published`` recorded as published (the broker confirmed them),
+        the skips kept for ``explain`` (written only when they changed, so that listing the
+        same orders again costs no write), and ``ready`` claimed, each with its exact body.
+        Returns the orders this run claimed (a row already there belongs to an earlier or
+        another run)."""
         changed = []
         for order, verdict in skips:
             assert verdict.reason is not None
@@ -878,10 +862,26 @@ class PollRun:
             elif prior.get(order.order_id) != (verdict.reason, order.status):
                 self.count_skip(verdict.reason)
                 changed.append((order, verdict))
-        if not changed:
-            return
+        if not (ready or changed or published):
+            return []
         now = utcnow()
+        rows = [
+            {
+                "client_id": self.client_id,
+                "cart_order_id": claim.cart_order_id,
+                "order_no": claim.order_no,
+                "event_id": claim.event_id,
+                "state": CLAIMED,
+                "payload": claim.body.decode("utf-8"),
+                "cart_status": claim.cart_status[:8],
+                "placed_at": (claim.placed_at or now).astimezone(UTC),
+                "claimed_at": now,
+                "published_at": None,
+            }
+            for claim in ready
+        ]
         with self.state.transaction() as conn:
+            done = self._record_published(conn, published)
             for order, verdict in changed:
                 assert verdict.reason is not None
                 self.state.upsert(
@@ -898,79 +898,79 @@ class PollRun:
                     },
                     key=["client_id", "cart_order_id"],
                 )
-
-    def claim(self, ready: list[Claim]) -> list[Claim]:
-        """Record the orders as claimed, each with the exact body, in one transaction; return
-        those this run claimed (a row already there belongs to an earlier or another run)."""
-        now = utcnow()
-        won: list[Claim] = []
-        with self.state.transaction() as conn:
-            for claim in ready:
-                inserted = self.state.insert_ignore(
-                    conn,
-                    imported_orders,
-                    {
-                        "client_id": self.client_id,
-                        "cart_order_id": claim.cart_order_id,
-                        "order_no": claim.order_no,
-                        "event_id": claim.event_id,
-                        "state": CLAIMED,
-                        "payload": claim.body.decode("utf-8"),
-                        "cart_status": claim.cart_status[:8],
-                        "placed_at": (claim.placed_at or now).astimezone(UTC),
-                        "claimed_at": now,
-                        "published_at": None,
-                    },
-                )
-                if inserted:
-                    won.append(claim)
+            inserted = self.state.insert_ignore_many(conn, imported_orders, rows)
+        self._count_imported(done)
+        won = [claim for claim in ready if (self.client_id, claim.cart_order_id) in inserted]
         if len(won) < len(ready):
             self.count_skip(ALREADY_IMPORTED, len(ready) - len(won))
         return won
 
-    def publish(self, claim: Claim) -> None:
-        """Publish one order with confirms; raise (the tick is retried) if not confirmed."""
-        message = OrderImported.model_validate_json(claim.body)
-        try:
-            self.services.publisher.publish_raw(
+    def send(self, claims: Sequence[Claim]) -> _Sent | None:
+        """Publish the orders now; their confirms are awaited by ``confirmed``."""
+        if not claims:
+            return None
+        messages = [
+            Outgoing(
                 claim.body,
-                exchange=ORDERS_EXCHANGE,
-                routing_key=ORDER_IMPORTED,
-                properties=message_properties(message),
+                ORDERS_EXCHANGE,
+                ORDER_IMPORTED,
+                contract_properties(claim.event_id, claim.schema),
             )
+            for claim in claims
+        ]
+        try:
+            return list(claims), self.services.publisher.send(messages)
         except Exception as exc:
-            raise BridgeError(
-                f"publishing order {claim.cart_order_id} to {ORDERS_EXCHANGE} was not "
-                f"confirmed ({type(exc).__name__}); it is published again on the next attempt",
-                action=(
-                    "The broker did not confirm an order.imported message. Retried "
-                    "automatically; if dead-lettered, check RabbitMQ, then replay."
-                ),
-            ) from exc
+            raise _not_confirmed(claims, exc) from exc
+
+    def confirmed(self, sent: _Sent | None) -> list[Claim]:
+        """The orders of ``sent`` once the broker confirmed every one; raises (the tick is
+        retried, and they are published again) otherwise."""
+        if sent is None:
+            return []
+        claims, confirmation = sent
+        try:
+            confirmation.wait()
+        except Exception as exc:
+            raise _not_confirmed(claims, exc) from exc
+        return claims
+
+    def publish(self, claims: Sequence[Claim]) -> None:
+        """Publish the orders with confirms, waiting for them."""
+        self.confirmed(self.send(claims))
 
     def mark_published(self, claims: Sequence[Claim]) -> None:
         if not claims:
             return
-        ids = [claim.cart_order_id for claim in claims]
         with self.state.transaction() as conn:
-            done = conn.execute(
-                sa.update(imported_orders)
-                .where(
-                    imported_orders.c.client_id == self.client_id,
-                    imported_orders.c.cart_order_id.in_(ids),
-                    imported_orders.c.state == CLAIMED,
-                )
-                .values(state=PUBLISHED, published_at=utcnow(), payload=None)
-            ).rowcount
-            conn.execute(
-                sa.delete(order_decisions).where(
-                    order_decisions.c.client_id == self.client_id,
-                    order_decisions.c.cart_order_id.in_(ids),
-                )
+            done = self._record_published(conn, claims)
+        self._count_imported(done)
+
+    def _record_published(self, conn: sa.Connection, claims: Sequence[Claim]) -> int:
+        if not claims:
+            return 0
+        ids = [claim.cart_order_id for claim in claims]
+        done = conn.execute(
+            sa.update(imported_orders)
+            .where(
+                imported_orders.c.client_id == self.client_id,
+                imported_orders.c.cart_order_id.in_(ids),
+                imported_orders.c.state == CLAIMED,
             )
-        count = done if done is not None and done >= 0 else len(ids)
-        metrics.ORDERS_IMPORTED.labels(self.client_id).inc(count)
-        self.imported += count
+            .values(state=PUBLISHED, published_at=utcnow(), payload=None)
+        ).rowcount
+        conn.execute(
+            sa.delete(order_decisions).where(
+                order_decisions.c.client_id == self.client_id,
+                order_decisions.c.cart_order_id.in_(ids),
+            )
+        )
+        return done if done is not None and done >= 0 else len(ids)
+
+    def _count_imported(self, count: int) -> None:
+        if count:
+            metrics.ORDERS_IMPORTED.labels(self.client_id).inc(count)
+            self.imported += count
 
     # --- step 5 ----------------------------------------------------------------------------------
 

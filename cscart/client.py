@@ -23,6 +23,7 @@ that store. It owns what "being gentle with a store on modest hosting" means:
 
 from __future__ import annotations
 
+import contextvars
 import email.utils
 import http.cookiejar
 import json
@@ -30,12 +31,14 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from datetime import UTC
 from decimal import Decimal
+from functools import partial
 from http import HTTPStatus
 from types import TracebackType
-from typing import Any, Final, Literal, TypeVar, get_args
+from typing import Any, Final, Generic, Literal, TypeVar, get_args
 from urllib.parse import quote, urlsplit
 
 import requests
@@ -72,7 +75,7 @@ from schemas.cscart import (
 )
 from schemas.settings import ClientSettings, StoreLimits
 
-__all__ = ["OPERATIONS", "CsCartClient", "Operation"]
+__all__ = ["OPERATIONS", "CsCartClient", "Operation", "Page"]
 
 log = structlog.get_logger(__name__)
 
@@ -103,13 +106,16 @@ M = TypeVar("M", bound=BaseModel)
 USER_AGENT: Final = "cscart-fm/0.1"
 MESSAGE_CHARS: Final = 200
 """How much of a store's error message goes into a reason."""
-ORDER_IDS_PER_REQUEST: Final = 50
-"""``order_id`` is a comma list in the query string: keep URLs short."""
 STATUS_CACHE_SECONDS: Final = 300.0
 STATUSES_PAGE_SIZE: Final = 250
 """Statuses are single letters (at most a few dozen): one page always holds them all, which
 also sidesteps 4.x versions whose ``total_items`` counts only the page."""
 _FAR_FUTURE: Final = 4_102_444_800  # 2100-01-01, for the updated_at capability probe
+MIN_PAGES_PER_PIECE: Final = 4
+"""A time range of an order listing is split among free request slots only into pieces
+holding this many pages or more."""
+_CLOCK_AHEAD: Final = 86_400
+"""How far a store's clock may run ahead of ours: a listing reaches that far past now."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +281,130 @@ def _store_message(content: bytes | None) -> str:
     return text if len(text) <= MESSAGE_CHARS else text[: MESSAGE_CHARS - 1] + "…"
 
 
+@dataclass(frozen=True)
+class Page(Generic[M]):
+    """One page of a listing, as the store answered it."""
+
+    number: int  # 1 for the first answer, and so on in the order they came
+    items: list[M]  # items not already yielded by an earlier page
+    total: int  # ``total_items`` as this page reported it (for the range it asked for)
+
+
+def _in_background(call: Callable[[], Any]) -> Future[Any]:
+    """Run ``call`` on a daemon thread: a page fetch stuck on a hung store must never hold up
+    the exit Kubernetes asked for (a thread pool's threads are joined at exit). It runs in a
+    copy of the caller's context, so its log lines carry the message in hand."""
+    future: Future[Any] = Future()
+    context = contextvars.copy_context()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(context.run(call))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="cscart-page", daemon=True).start()
+    return future
+
+
+@dataclass
+class _TimeRange:
+    """Orders placed from ``start`` to ``end`` (Unix seconds, both included) still to read.
+
+    ``seen``: the orders already read that were placed in its first second (``start``). The
+    next request starts at that second, so those come first again and are asked for on top of
+    the page (``repeats``); they are told apart by id, not by their order inside the second.
+    ``page`` > 1 only inside one second holding a page of orders or more, the one case paged
+    by offset.
+    """
+
+    start: int
+    end: int
+    seen: frozenset[int] = frozenset()
+    page: int = 1
+
+    @property
+    def repeats(self) -> int:
+        return len(self.seen) if self.page == 1 else 0
+
+    def where(self) -> str:
+        return f"placed {self.start}..{self.end}, page {self.page}"
+
+    def fresh(self, items: Sequence[CartOrder]) -> list[CartOrder]:
+        return [o for o in items if o.timestamp != self.start or o.order_id not in self.seen]
+
+    def check(self, items: Sequence[CartOrder], size: int) -> None:
+        times = [o.timestamp for o in items]
+        if times != sorted(times):
+            raise BadResponse(
+                "orders.list: the store ignores sort_by=date: orders not in time "
+                f"order{_ctx(self.where())}"
+            )
+        if any(not self.start <= t <= self.end for t in times):
+            raise BadResponse(
+                "orders.list: the store ignores the time filter (period=C): an order placed "
+                f"outside the range asked for{_ctx(self.where())}"
+            )
+        if len(items) > size + self.repeats:
+            raise BadResponse(
+                f"orders.list: more orders on a page than asked for{_ctx(self.where())}"
+            )
+
+    def follow_up(
+        self,
+        items: Sequence[CartOrder],
+        fresh: Sequence[CartOrder],
+        total: int,
+        size: int,
+        free: int,
+        now: int,
+    ) -> list[_TimeRange]:
+        """The requests this answer calls for: none when the range is read, else the rest
+        of it, split in time over the ``free`` request slots when it holds more than a page."""
+        if (self.page - 1) * size + len(items) >= total:
+            return []
+        if not items:
+            raise BadResponse(
+                f"orders.list: an empty page but total_items is {total}{_ctx(self.where())}"
+            )
+        if not fresh:
+            raise BadResponse(
+                "orders.list: a page of only orders already read: the store's paging cannot "
+                f"be trusted{_ctx(self.where())}"
+            )
+        last = items[-1].timestamp
+        at_last = {o.order_id for o in items if o.timestamp == last}
+        if last == self.start:
+            at_last |= self.seen
+        if self.page > 1:
+            return [_TimeRange(last, last, frozenset(at_last), self.page + 1)]
+        if len(at_last) >= size:
+            # A page of orders placed in one second: read the rest of that second by offset,
+            # from the page holding the first one not read yet, and the time after it.
+            inside = _TimeRange(last, last, frozenset(at_last), len(at_last) // size + 1)
+            return [inside, _TimeRange(last + 1, self.end)] if last < self.end else [inside]
+        resume = _TimeRange(last, self.end, frozenset(at_last))
+        # Each piece ends on a partial page (a call more): split only what leaves every
+        # piece a few pages.
+        pieces = max(1, min(free, (total - len(items)) // (size * MIN_PAGES_PER_PIECE)))
+        # Split where the rest likely lies, at the pace this page was placed at (orders are
+        # not spread evenly up to now: a shop's history is mostly old, or mostly recent); the
+        # last piece reaches to the end of the range whatever the guess.
+        pace = max(1, last - items[0].timestamp) / len(items)
+        top = min(self.end, now, last + int(pace * (total - len(items))) + 1)
+        width = (top - last) // pieces
+        if pieces == 1 or width < 1:
+            return [resume]
+        cuts = [last + width * i for i in range(1, pieces)]
+        resume.end = cuts[0] - 1
+        spans = [resume]
+        for low, high in zip(cuts, [*cuts[1:], None], strict=True):
+            spans.append(_TimeRange(low, high - 1 if high is not None else self.end))
+        return spans
+
+
 class CsCartClient:
     """Client for one CS-Cart store. Thread-safe; use one object per store and share it.
 
@@ -337,7 +467,6 @@ class CsCartClient:
             self._session.mount("http://", adapter)
             self._session.mount("https://", adapter)
 
-        self._orders_data: bool | None = None
         self._updated_at: bool | None = None
         self._status_cache: tuple[float, frozenset[str]] | None = None
 
@@ -405,72 +534,101 @@ class CsCartClient:
 
     # --- orders ----------------------------------------------------------------------------
 
-    def iter_orders(
+    def order_pages(
         self,
         *,
         statuses: Sequence[str] = (),
         time_from: int | None = None,
-        time_to: int | None = None,
         updated_from: int | None = None,
-        order_ids: Sequence[int] = (),
-        full: bool = True,
         page_size: int | None = None,
-    ) -> Iterator[CartOrder]:
-        """Every order matching the filters, oldest id first, paged to the end.
+    ) -> Iterator[Page[CartOrder]]:
+        """Every order matching the filters (``statuses``, placed from ``time_from``,
+        changed from ``updated_from``), each once, a page at a time, with up to
+        ``limits.concurrency`` requests in flight.
 
-        - ``statuses``: letters, sent as ``status[]=P&status[]=C``.
-        - ``time_from``/``time_to``: Unix times of placement (``period=C``). A missing
-          ``time_from`` is sent as 1, not 0: PHP reads "0" as empty and older versions then
-          take "now". A missing ``time_to`` means now.
-        - ``updated_from``: ``updated_at_from``; stores without it ignore it silently and
-          return every order: check ``supports_updated_at()`` first.
-        - ``order_ids``: sent in batches of 50 as ``order_id=1,2,3``.
-        - ``full``: yield complete orders (lines, addresses). Asks for ``get_orders_data=1``
-          (4.13+); on older stores each slim item is completed with ``get_order`` (one more
-          request per order).
+        Paged by placement time, not by offset: every request asks for the orders placed in
+        a time range, sorted by ``timestamp``, and the next request of that range starts at
+        the second of the last order read (those of that second already read are skipped by
+        id). An order's placement time never changes, so
+        an order leaving the filter meanwhile (FM's shipments move ``P`` to ``C``) or deleted
+        shifts nothing: with offset paging it would move every later order back by one and the
+        one sliding over a page boundary would never be read. A range holding more than a page
+        is split in time among the free request slots. Pages come in the order the store
+        answers them.
 
-        Pages are sorted by ``order_id`` ascending, so new orders arriving meanwhile land on
-        later pages instead of shifting earlier ones. An order that leaves the filter while
-        the caller iterates (its status changed) shifts the later pages back: such orders may
-        be skipped by this pass and are found by the next one; ids are never yielded twice.
+        Items are as the list gives them: full orders where the store has ``get_orders_data``
+        (4.13+), slim list items elsewhere (``is_full`` tells); completing a slim item is the
+        caller's choice, so that an order it skips costs no call. An idle listing costs one
+        request. Fails loudly (``BadResponse``) where the store's answers cannot be paged
+        safely: unsorted, outside the range asked for, an empty page before ``total_items``.
         """
+        size = page_size or self.limits.page_size
+        base = self._order_params(statuses, updated_from)
+        lanes = self.limits.concurrency
+        now = int(time.time())
+        # A store's clock may run ahead of ours: the last range reaches well past now.
+        horizon = now + _CLOCK_AHEAD
+        in_flight: dict[Future[tuple[list[CartOrder], int]], _TimeRange] = {}
+        asked = 0
+
+        def ask(span: _TimeRange) -> None:
+            nonlocal asked
+            asked += 1
+            if asked > self._max_pages:
+                raise BadResponse(
+                    f"orders.list: more than {self._max_pages} pages of {size}; refusing to "
+                    "page further"
+                )
+            query = [
+                *base, ("period", "C"), ("time_from", str(span.start)),
+                ("time_to", str(span.end)), ("items_per_page", str(size + span.repeats)),
+                ("page", str(span.page)),
+            ]
+            in_flight[_in_background(partial(self._order_page, query, span.where()))] = span
+
+        # Never 0: PHP reads "0" as empty, and older versions then take "now".
+        ask(_TimeRange(max(1, time_from or 1), horizon))
+        answered = 0
+        try:
+            while in_flight:
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    span = in_flight.pop(future)
+                    items, total = future.result()
+                    answered += 1
+                    if answered == 1 and total > self._max_pages * size:
+                        raise BadResponse(
+                            f"orders.list: the store reports {total} orders, more than "
+                            f"{self._max_pages} pages of {size}{_ctx(span.where())}"
+                        )
+                    span.check(items, size)
+                    fresh = span.fresh(items)
+                    free = lanes - len(in_flight)
+                    for follow in span.follow_up(items, fresh, total, size, free, now):
+                        ask(follow)
+                    if fresh:
+                        yield Page(answered, fresh, total)
+        finally:
+            for future in in_flight:
+                future.cancel()  # a GET asked ahead and not needed: nothing to undo
+
+    def _order_page(self, query: Params, where: str) -> tuple[list[CartOrder], int]:
+        data = self._call("GET", "orders.list", "orders", params=query, what=where)
+        items, total = self._page_of(data, "orders", "orders.list", where)
+        return [self._model(CartOrder, item, "orders.list", where) for item in items], total
+
+    @staticmethod
+    def _order_params(statuses: Sequence[str], updated_from: int | None) -> list[tuple[str, str]]:
+        """The query of an order listing: sorted by (time placed, id), full orders where the
+        store can, and the filters, the PHP way (``status[]=P&status[]=C``)."""
         if isinstance(statuses, str):
             statuses = [statuses]
-        base: list[tuple[str, str]] = [("sort_by", "order_id"), ("sort_order", "asc")]
+        base = [("sort_by", "date"), ("sort_order", "asc"), ("get_orders_data", "1")]
         base += [("status[]", status) for status in statuses]
-        if time_from is not None or time_to is not None:
-            base += [("period", "C"), ("time_from", str(max(1, time_from or 1)))]
-            if time_to is not None:
-                base.append(("time_to", str(time_to)))
         if updated_from is not None:
+            # Stores without it ignore it silently: check supports_updated_at() first.
             base.append(("updated_at_from", str(updated_from)))
-        if full:
-            base.append(("get_orders_data", "1"))
-        size = page_size or self.limits.page_size
-        ids = list(dict.fromkeys(int(order_id) for order_id in order_ids))  # no repeats
-        batches: list[list[int]] = (
-            [ids[i : i + ORDER_IDS_PER_REQUEST] for i in range(0, len(ids), ORDER_IDS_PER_REQUEST)]
-            if ids else [[]]
-        )
-        for batch in batches:
-            params = base + ([("order_id", ",".join(map(str, batch)))] if batch else [])
-            for item in self._pages(
-                "orders.list", "orders", "orders", params,
-                page_size=size, what="", id_field="order_id",
-            ):
-                order = self._model(CartOrder, item, "orders.list", "")
-                if full and not order.is_full:
-                    self._orders_data = False
-                    try:
-                        order = self.get_order(order.order_id)
-                    except NotFound:
-                        # Deleted between the list and the detail call: nothing to import.
-                        log.info("cscart.order_vanished", client=self.client_id,
-                                 order_id=order.order_id)
-                        continue
-                elif full:
-                    self._orders_data = True
-                yield order
+        return base
 
     def get_order(self, order_id: int) -> CartOrder:
         what = f"order {order_id}"
@@ -711,19 +869,6 @@ class CsCartClient:
         self._expect_echo(data, "combination_hash", "combinations.update", what)
 
     # --- capabilities ----------------------------------------------------------------------
-
-    def supports_orders_data(self) -> bool:
-        """Whether the order list can carry full orders (``get_orders_data=1``, 4.13+).
-
-        Probed with one single-order page and cached; ``iter_orders`` also learns it as it
-        goes. A store without any order answers False without caching (nothing to tell by).
-        """
-        if self._orders_data is None:
-            items, _ = self._probe([("get_orders_data", "1")])
-            if not items:
-                return False
-            self._orders_data = isinstance(items[0], dict) and "products" in items[0]
-        return self._orders_data
 
     def supports_updated_at(self) -> bool:
         """Whether the store filters orders by ``updated_at_from`` (not every 4.x does; the

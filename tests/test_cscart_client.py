@@ -202,21 +202,28 @@ def add_orders(emu: Any, count: int, status: str = "P") -> list[int]:
 # --- paging --------------------------------------------------------------------------------
 
 
-def test_orders_are_paged_to_the_end_in_a_stable_order(emu: Any) -> None:
-    ids = add_orders(emu, 27)
+def listed(client: CsCartClient, **filters: Any) -> list[Any]:
+    """Every order of ``order_pages``, in the order the pages came."""
+    return [order for page in client.order_pages(**filters) for order in page.items]
+
+
+def test_orders_are_paged_to_the_end_by_time(emu: Any) -> None:
+    ids = [emu.add_order(status="P", timestamp=1_760_000_000 + 60 * i) for i in range(27)]
     emu.clear_log()
-    client = new_client(emu.url, page_size=10)
+    client = new_client(emu.url, page_size=10, concurrency=1)
 
-    orders = list(client.iter_orders(statuses=["P"]))
+    orders = listed(client, statuses=["P"])
 
-    assert [o.order_id for o in orders] == sorted(ids)
+    assert [o.order_id for o in orders] == ids  # one range, read in time order
     assert all(o.is_full and o.products for o in orders)
     lists = [r for r in emu.requests if r.endpoint == "orders.list"]
     assert len(lists) == 3  # 10 + 10 + 7, stopped by total_items
-    assert [r.query["page"] for r in lists] == [["1"], ["2"], ["3"]]
+    assert [r.query["items_per_page"] for r in lists] == [["10"], ["11"], ["11"]]
+    assert [r.query["time_from"] for r in lists] == [
+        ["1"], [str(orders[9].timestamp)], [str(orders[19].timestamp)]]
     for r in lists:
-        assert r.query["items_per_page"] == ["10"]
-        assert r.query["sort_by"] == ["order_id"]
+        assert r.query["page"] == ["1"]
+        assert r.query["sort_by"] == ["date"]
         assert r.query["sort_order"] == ["asc"]
 
 
@@ -227,24 +234,12 @@ def test_status_lists_are_sent_php_style(emu: Any) -> None:
     emu.clear_log()
     client = new_client(emu.url)
 
-    orders = list(client.iter_orders(statuses=["P", "C"], full=False))
+    orders = listed(client, statuses=["P", "C"])
 
     assert sorted(o.order_id for o in orders) == sorted(paid + complete)
     query = emu.requests[0].query
     assert query["status[]"] == ["P", "C"]
     assert "status" not in query
-
-
-def test_order_ids_go_in_short_comma_lists(emu: Any) -> None:
-    ids = emu.add_history(70, start_timestamp=1_760_000_000, status="P")
-    wanted = ids[::-1][:60]  # any order: answered by id
-    emu.clear_log()
-
-    orders = list(new_client(emu.url, page_size=100).iter_orders(order_ids=wanted, full=False))
-
-    assert sorted(o.order_id for o in orders) == sorted(wanted)
-    sent = [r.query["order_id"][0].split(",") for r in emu.requests]
-    assert [len(batch) for batch in sent] == [50, 10]
 
 
 def test_time_filter_sends_unix_times_with_period_c(emu: Any) -> None:
@@ -253,13 +248,14 @@ def test_time_filter_sends_unix_times_with_period_c(emu: Any) -> None:
     emu.clear_log()
     client = new_client(emu.url)
 
-    orders = list(client.iter_orders(time_from=start + 300, time_to=start + 599, full=False))
+    orders = listed(client, time_from=start + 300)
 
-    assert [o.timestamp for o in orders] == [start + 60 * i for i in range(5, 10)]
+    assert [o.timestamp for o in orders] == [start + 60 * i for i in range(5, 20)]
     query = emu.requests[0].query
     assert query["period"] == ["C"]
     assert query["time_from"] == [str(start + 300)]
-    assert query["time_to"] == [str(start + 599)]
+    # Up to a day past now: a store whose clock runs ahead still lists its newest orders.
+    assert int(query["time_to"][0]) >= time.time() + 86_000
 
 
 def test_missing_total_items_fails_loudly() -> None:
@@ -267,7 +263,7 @@ def test_missing_total_items_fails_loudly() -> None:
         return reply_json({"orders": [slim_order(1)], "params": {"page": 1}})
 
     with LocalStore(respond) as store, pytest.raises(BadResponse) as caught:
-        list(new_client(store.url).iter_orders(full=False))
+        listed(new_client(store.url))
     assert "total_items" in caught.value.reason
     assert caught.value.reason.startswith("orders.list:")
 
@@ -277,7 +273,7 @@ def test_non_numeric_total_items_fails_loudly() -> None:
         return reply_json({"orders": [], "params": {"total_items": "lots"}})
 
     with LocalStore(respond) as store, pytest.raises(BadResponse, match="total_items"):
-        list(new_client(store.url).iter_orders(full=False))
+        listed(new_client(store.url))
 
 
 def test_empty_page_before_total_fails_loudly() -> None:
@@ -289,9 +285,13 @@ def test_empty_page_before_total_fails_loudly() -> None:
         return reply_json({"orders": [], "params": {"total_items": "25"}})
 
     got: list[int] = []
-    with LocalStore(respond) as store, pytest.raises(BadResponse, match="page 2 is empty"):
-        got.extend(o.order_id for o in new_client(store.url).iter_orders(full=False))
-    assert got == list(range(1, 11))  # yielded item by item before the failure
+    def read(url: str) -> None:
+        for page in new_client(url).order_pages():
+            got.extend(o.order_id for o in page.items)
+
+    with LocalStore(respond) as store, pytest.raises(BadResponse, match="an empty page"):
+        read(store.url)
+    assert got == list(range(1, 11))  # the first page came before the failure
 
 
 def test_store_ignoring_page_fails_instead_of_looping() -> None:
@@ -300,17 +300,118 @@ def test_store_ignoring_page_fails_instead_of_looping() -> None:
     def respond(seen: Seen) -> Reply:
         return reply_json({"orders": orders, "params": {"total_items": "30"}})
 
-    with LocalStore(respond) as store, pytest.raises(BadResponse, match="repeats"):
-        list(new_client(store.url).iter_orders(full=False))
-    assert len(store.seen) == 2
+    # Refused by whichever answer comes first: the rest of the second, or the time after it.
+    with LocalStore(respond) as store, pytest.raises(
+        BadResponse, match=r"already read|ignores the time filter"
+    ):
+        listed(new_client(store.url))
+    assert len(store.seen) <= 3  # refused at once, never looping
 
 
 def test_hard_cap_of_pages() -> None:
     orders = [slim_order(i) for i in range(1, 101)]
     with LocalStore(lambda seen: paged("orders", orders, seen)) as store:
         with pytest.raises(BadResponse, match="more than 3 pages"):
-            list(new_client(store.url, max_pages=3).iter_orders(full=False))
+            listed(new_client(store.url, max_pages=3))
         assert len(store.seen) == 1  # refused from the first page's total_items
+
+
+# --- order pages: paged by placement time, side by side ------------------------------------
+
+
+def _listed(pages: Any) -> list[int]:
+    return [order.order_id for page in pages for order in page.items]
+
+
+def test_order_pages_read_each_order_once_with_requests_side_by_side() -> None:
+    start = 1_760_000_000
+    orders = [dict(slim_order(i), timestamp=str(start + 60 * i)) for i in range(1, 201)]
+
+    def respond(seen: Seen) -> Reply:
+        low, high = int(seen.query["time_from"][0]), int(seen.query["time_to"][0])
+        inside = [o for o in orders if low <= int(o["timestamp"]) <= high]
+        return paged("orders", inside, seen)
+
+    with LocalStore(respond, delay=0.05) as store:
+        listed = _listed(new_client(store.url, page_size=10, concurrency=4).order_pages(
+            time_from=start, statuses=["P"]))
+    assert sorted(listed) == list(range(1, 201))  # every order, none twice
+    assert store.max_inflight == 4  # side by side, never more than the store's limit
+    assert 20 <= len(store.seen) <= 24  # 200 orders in pages of 10, a few partial pages more
+    for seen in store.seen:
+        assert seen.query["sort_by"] == ["date"] and seen.query["sort_order"] == ["asc"]
+        assert seen.query["period"] == ["C"] and seen.query["status[]"] == ["P"]
+        assert seen.query["get_orders_data"] == ["1"]
+
+
+def test_order_pages_of_an_idle_store_cost_one_request(emu: Any) -> None:
+    emu.add_history(50, start_timestamp=1_760_000_000, status="P")
+    emu.clear_log()
+    client = new_client(emu.url, page_size=10)
+
+    assert _listed(client.order_pages(updated_from=int(time.time()) + 3600)) == []
+    assert len(emu.requests) == 1
+
+
+def test_order_pages_lose_no_order_when_others_leave_the_listing(emu: Any) -> None:
+    """FM's shipments move orders from P to C while the listing is read: with offset paging
+    every later order moves back by one and one per page boundary is never read."""
+    from cscart.emulator import Fault
+
+    ids = emu.add_history(60, start_timestamp=1_760_000_000, step_seconds=60, status="P")
+    emu.set_fault("orders.list", Fault(latency=0.1))
+    client = new_client(emu.url, page_size=10, concurrency=1)
+    listed: list[int] = []
+    for page in client.order_pages(statuses=["P"], time_from=1):
+        listed.extend(order.order_id for order in page.items)
+        for order_id in ids[len(listed) - 10 : len(listed) - 7]:
+            emu.set_order_status(order_id, "C")  # three of the page just read leave
+    assert listed == ids
+
+
+def test_order_pages_read_a_second_holding_more_than_a_page(emu: Any) -> None:
+    same = emu.add_history(35, start_timestamp=1_760_000_500, step_seconds=0, status="P")
+    around = [emu.add_order(status="P", timestamp=1_760_000_000 + i * 400) for i in range(4)]
+    emu.clear_log()
+
+    listed = _listed(new_client(emu.url, page_size=10).order_pages(time_from=1))
+
+    assert sorted(listed) == sorted(same + around)
+    assert len(listed) == len(set(listed))
+
+
+def test_order_pages_do_not_rely_on_the_order_of_ids_inside_a_second() -> None:
+    """A store sorting by time alone may list the orders of one second in any order: the
+    orders of the second a page ends in are told apart by id when the next page starts."""
+    start = 1_760_000_000
+    orders = [dict(slim_order(i), timestamp=str(start + (i // 7) * 60)) for i in range(1, 60)]
+    by_time = sorted(orders, key=lambda o: (int(o["timestamp"]), -int(o["order_id"])))
+
+    def respond(seen: Seen) -> Reply:
+        low, high = int(seen.query["time_from"][0]), int(seen.query["time_to"][0])
+        return paged("orders", [o for o in by_time if low <= int(o["timestamp"]) <= high], seen)
+
+    with LocalStore(respond) as store:
+        got = [o.order_id for o in listed(new_client(store.url, page_size=10), time_from=1)]
+    assert sorted(got) == list(range(1, 60))
+
+
+@pytest.mark.parametrize("ignores", ["time", "sort"])
+def test_order_pages_refuse_a_store_that_ignores_the_time_paging(ignores: str) -> None:
+    start = 1_760_000_000
+    orders = [dict(slim_order(i), timestamp=str(start + 60 * i)) for i in range(1, 31)]
+    if ignores == "sort":
+        orders.reverse()
+
+    def respond(seen: Seen) -> Reply:
+        low = int(seen.query["time_from"][0])
+        inside = orders if ignores == "time" else [o for o in orders
+                                                   if int(o["timestamp"]) >= low]
+        return paged("orders", inside, seen)
+
+    with LocalStore(respond) as store, pytest.raises(BadResponse) as caught:
+        _listed(new_client(store.url, page_size=10).order_pages(time_from=start + 600))
+    assert ("time filter" if ignores == "time" else "sort_by=date") in caught.value.reason
 
 
 def test_shipment_pages_stop_by_total_not_by_empty_page(emu: Any) -> None:
@@ -423,7 +524,7 @@ def test_unauthorized_fault_is_not_retried(emu: Any) -> None:
     emu.clear_log()
     waits = Waits()
     with pytest.raises(StoreUnauthorized):
-        list(new_client(emu.url, waits=waits).iter_orders())
+        listed(new_client(emu.url, waits=waits))
     assert emu.count(endpoint="orders.list") == 1
     assert waits == []
 
@@ -489,7 +590,7 @@ def test_html_page_with_200_from_a_proxy_is_a_bad_response() -> None:
 def test_oversized_body_is_a_bad_response(emu: Any) -> None:
     add_orders(emu, 30)
     with pytest.raises(BadResponse, match="larger than max_response_bytes"):
-        list(new_client(emu.url, max_response_bytes=2048).iter_orders())
+        listed(new_client(emu.url, max_response_bytes=2048))
 
 
 def test_oversized_body_without_content_length_is_cut_short() -> None:
@@ -499,7 +600,7 @@ def test_oversized_body_without_content_length_is_cut_short() -> None:
         return 200, {"Content-Type": "application/json"}, big  # streamed, no length
 
     with LocalStore(respond) as store, pytest.raises(BadResponse, match="larger"):
-        list(new_client(store.url, max_response_bytes=4096).iter_orders(full=False))
+        listed(new_client(store.url, max_response_bytes=4096))
 
 
 def test_redirects_are_not_followed() -> None:
@@ -841,32 +942,31 @@ def test_user_and_statuses(emu: Any) -> None:
 
 
 @pytest.mark.parametrize(("version", "modern"), [((4, 18), True), ((4, 12), False)])
-def test_capabilities_are_detected_and_iter_orders_adapts(
+def test_capabilities_are_detected_and_order_pages_adapt(
     version: tuple[int, int], modern: bool
 ) -> None:
     from cscart.emulator import StoreEmulator
 
     with StoreEmulator(api_user=API_USER, api_key=API_KEY, version=version) as store:
         client = new_client(store.url)
-        assert client.supports_orders_data() is False  # no order yet: cannot tell
-        assert client.supports_updated_at() is False
+        assert client.supports_updated_at() is False  # no order yet: cannot tell
         hour_ago = int(time.time()) - 3600
         old = [store.add_order(status="P", timestamp=hour_ago) for _ in range(3)]
-        assert client.supports_orders_data() is modern
         assert client.supports_updated_at() is modern
         store.clear_log()
-        client.supports_orders_data(), client.supports_updated_at()
+        client.supports_updated_at()
         assert store.count() == 0  # cached
 
-        orders = list(client.iter_orders())
+        orders = listed(client)
 
         assert [o.order_id for o in orders] == old
-        assert all(o.is_full and o.products for o in orders)
-        # Old stores ignore get_orders_data: each order is completed with a detail call.
-        assert store.count(endpoint="orders.get") == (0 if modern else 3)
+        # Old stores ignore get_orders_data: slim items, completed only by whoever needs to.
+        assert all(o.is_full and o.products for o in orders) if modern else not any(
+            o.is_full for o in orders)
+        assert store.count(endpoint="orders.get") == 0
         if modern:
             store.set_order_status(old[1], "C")
-            changed = list(client.iter_orders(updated_from=hour_ago + 60))
+            changed = listed(client, updated_from=hour_ago + 60)
             assert [o.order_id for o in changed] == [old[1]]
 
 
@@ -1028,7 +1128,7 @@ def test_the_api_key_never_reaches_a_log(
     client = new_client(emu.url, read_timeout=0.3, max_attempts=2)
     errors: list[BaseException] = []
 
-    list(client.iter_orders())
+    listed(client)
     client.update_order_status(order_id, "C")
     calls: list[Callable[[], object]] = [
         lambda: client.get_order(999_999),
@@ -1044,7 +1144,7 @@ def test_the_api_key_never_reaches_a_log(
     emu.set_fault("orders.list", Fault(html_body=True))
     calls = [
         lambda: client.get_order(order_id),
-        lambda: list(client.iter_orders()),
+        lambda: listed(client),
         lambda: client.create_shipment(order_id=order_id, shipping_id=1, tracking_number="T",
                                        carrier=None, products={"1": 1}),
     ]

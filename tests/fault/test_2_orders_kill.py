@@ -139,7 +139,9 @@ def test_orders_survive_repeated_sigkill_each_at_fm_once_or_as_an_identical_copy
             topology.declare(conn, (1,))
         clients = write_clients_file(
             tmp_path / "clients.yaml",
-            [client_doc(emu.url, limits={"page_size": 20, "read_timeout": 5})],
+            # One request at a time: with four side by side the import outruns the kills.
+            [client_doc(emu.url, limits={"page_size": 20, "read_timeout": 5,
+                                         "concurrency": 1})],
         )
         state_url = f"sqlite:///{tmp_path / 'state.sqlite'}"
         env = cli_env(broker_url, state_url, clients,

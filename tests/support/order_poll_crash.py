@@ -4,10 +4,14 @@ Usage: python -m tests.support.order_poll_crash STEP N   (environment as for `cs
 
 STEP is where the process dies, the Nth time it gets there:
 
-- ``list``: after N orders were read from the store (mid-page: they are not all claimed);
-- ``claim``: after the Nth claim transaction committed, before any of its orders is published;
-- ``publish``: after the Nth confirmed publish, before it is recorded as published;
-- ``mark``: after the Nth "published" transaction, before the watermark is saved;
+- ``list``: once N orders were read from the store, before the page holding the Nth is
+  claimed (the orders of that page are read, none of them claimed);
+- ``claim``: after the Nth page's transaction committed (its orders claimed, the page before
+  recorded as published), before any of its orders is published;
+- ``publish``: once the broker confirmed the Nth page of orders, before it is recorded as
+  published;
+- ``mark``: after the Nth transaction that recorded orders as published, before anything
+  else is published;
 - ``watermark``: instead of saving the watermark (every order done, the run not recorded).
 
 The process writes ``<MARKER>`` (env ``CSCART_FM_TEST_CRASH_MARKER``) just before it dies.
@@ -26,11 +30,22 @@ from consumers import order_poll
 from cscart.client import CsCartClient
 
 STEPS = {
-    "claim": "claim",
-    "publish": "publish",
-    "mark": "mark_published",
-    "watermark": "save_watermark",
+    "claim": ("record",),
+    "publish": ("confirmed",),
+    "mark": ("record", "mark_published"),
+    "watermark": ("save_watermark",),
 }
+
+
+def _counts(step: str, name: str, args: tuple[Any, ...], result: Any) -> bool:
+    """Whether this call is a hit of the step: one that did what the step names."""
+    if step == "claim":
+        return bool(result)  # orders claimed
+    if step == "publish":
+        return bool(result)  # orders confirmed
+    if step == "mark":
+        return bool(args[3] if name == "record" else args[0])  # orders recorded as published
+    return True
 
 
 def main() -> None:
@@ -50,28 +65,33 @@ def main() -> None:
             die()
 
     if step == "list":
-        original_iter = CsCartClient.iter_orders
+        original_pages = CsCartClient.order_pages
 
-        def iter_orders(self: CsCartClient, **kwargs: Any) -> Iterator[Any]:
-            for order in original_iter(self, **kwargs):
-                yield order
-                if not kwargs.get("order_ids"):  # the listing, not the check after it
-                    hit()
+        def order_pages(self: CsCartClient, **kwargs: Any) -> Iterator[Any]:
+            nonlocal hits
+            for page in original_pages(self, **kwargs):
+                hits += len(page.items)
+                if hits >= n:
+                    die()
+                yield page
 
-        CsCartClient.iter_orders = iter_orders  # type: ignore[method-assign]
+        CsCartClient.order_pages = order_pages  # type: ignore[method-assign]
     else:
-        name = STEPS[step]
-        original: Callable[..., Any] = getattr(order_poll.PollRun, name)
+        for name in STEPS[step]:
+            original: Callable[..., Any] = getattr(order_poll.PollRun, name)
 
-        def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
-            if step == "watermark":
-                die()
-            result = original(self, *args, **kwargs)
-            if step != "mark" or args[0]:  # an empty mark is no step
-                hit()
-            return result
+            def wrapped(
+                self: Any, *args: Any, _name: str = name, _original: Callable[..., Any] = original,
+                **kwargs: Any,
+            ) -> Any:
+                if step == "watermark":
+                    die()
+                result = _original(self, *args, **kwargs)
+                if _counts(step, _name, args, result):
+                    hit()
+                return result
 
-        setattr(order_poll.PollRun, name, wrapped)
+            setattr(order_poll.PollRun, name, wrapped)
 
     from cscart_fm.cli import main as cli_main
 
