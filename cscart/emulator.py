@@ -64,7 +64,7 @@ import threading
 import time
 import traceback
 import zlib
-from bisect import insort
+from bisect import bisect_left, insort
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -588,6 +588,9 @@ class StoreEmulator:
         self.combinations: dict[str, dict[str, Any]] = {}
         self.orders: dict[int, StoredOrder] = {}
         self._order_ids: list[int] = []  # sorted
+        # (updated_at, order_id), sorted: a store answers "changed since" from an index, so
+        # an idle listing of a long history costs it no more than of a short one.
+        self._by_change: list[tuple[int, int]] = []
         self._next_order_id = 1
         self._shipments: dict[int, _Shipment] = {}
         self._shipments_by_order: dict[int, list[int]] = {}
@@ -961,6 +964,8 @@ class StoreEmulator:
                     extra,
                 )
             self._order_ids.extend(ids)  # all above every existing id: stays sorted
+            self._by_change.extend((start + i * step_seconds, oid) for i, oid in enumerate(ids))
+            self._by_change.sort()
             self._next_order_id = first + count
             return list(ids)
 
@@ -1009,12 +1014,22 @@ class StoreEmulator:
 
     def _insert_order(self, order: StoredOrder) -> None:
         oid = order.order_id
+        replaced = self.orders.get(oid)
+        if replaced is not None:
+            self._unindex_change(replaced)
         self.orders[oid] = order
+        insort(self._by_change, (order.updated_at, oid))
         if not self._order_ids or oid > self._order_ids[-1]:
             self._order_ids.append(oid)
         else:
             insort(self._order_ids, oid)
         self._next_order_id = max(self._next_order_id, oid + 1)
+
+    def _unindex_change(self, order: StoredOrder) -> None:
+        key = (order.updated_at, order.order_id)
+        at = bisect_left(self._by_change, key)
+        if at < len(self._by_change) and self._by_change[at] == key:
+            del self._by_change[at]
 
     # ---- internals: status changes and stock -------------------------------------------------
     def _inventory(self, letter: str) -> str | None:
@@ -1067,7 +1082,9 @@ class StoreEmulator:
                     if holder is not None:
                         holder["amount"] += qty
         order.status = new
+        self._unindex_change(order)
         order.updated_at = int(time.time())
+        insort(self._by_change, (order.updated_at, order.order_id))
         self.status_changes.append(
             {
                 "order_id": order.order_id,
@@ -1548,7 +1565,17 @@ class StoreEmulator:
         self, _ident: str | None, params: dict[str, Any], _data: dict[str, Any]
     ) -> tuple[int, Any]:
         keep = self._order_filter(params)
-        rows = [o for o in self.orders.values() if keep(o)]
+        changed_from = (
+            _php_int(params.get("updated_at_from")) if self.has_updated_at_filter else 0
+        )
+        if changed_from:
+            at = bisect_left(self._by_change, (changed_from, 0))
+            candidates: Iterable[StoredOrder] = (
+                self.orders[oid] for _, oid in self._by_change[at:]
+            )
+        else:
+            candidates = self.orders.values()
+        rows = [o for o in candidates if keep(o)]
         sort_by = _php_str(params.get("sort_by")) or "date"
         keys: dict[str, Callable[[StoredOrder], Any]] = {
             "order_id": lambda o: o.order_id,

@@ -343,6 +343,30 @@ def test_updated_at_filter_version_gate(
         assert listed == ({changed} if honoured else {old, changed})
 
 
+def test_changed_since_answers_every_changed_order_however_it_changed(
+    emu: StoreEmulator, http: requests.Session
+) -> None:
+    """The emulator answers "changed since" from an index (as a store's database would):
+    orders seeded in bulk, added one by one, changed in the admin and through the API all
+    land in it at their latest change, and an unchanged old order never does."""
+    now = int(time.time())
+    history = emu.add_history(500, start_timestamp=now - 86_400, step_seconds=60, status="P")
+    fresh = emu.add_order(status="P", timestamp=now - 30)
+    emu.set_order_status(history[0], "C")  # an admin change
+    assert http.put(api(emu, f"orders/{history[1]}"), json={"status": "C"}).status_code == 200
+    emu.set_order_status(history[0], "P")  # changed twice: listed once
+
+    def changed_since(moment: int) -> set[int]:
+        body = http.get(api(emu, "orders"), params={
+            "updated_at_from": moment, "items_per_page": 1000}).json()
+        return {int(o["order_id"]) for o in body["orders"]}
+
+    assert changed_since(now - 60) == {fresh, history[0], history[1]}
+    assert changed_since(now - 86_400 + 60 * 498) == {
+        history[498], history[499], fresh, history[0], history[1]}
+    assert len(changed_since(1)) == 501
+
+
 def test_status_names_by_version(http: requests.Session) -> None:
     for version, name in (((4, 13), "Paid"), ((4, 12), "Processed")):
         with StoreEmulator(api_user=USER, api_key=KEY, version=version) as emu:
