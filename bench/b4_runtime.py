@@ -193,8 +193,8 @@ def run(quick: bool = False) -> Result:
     result.add("runtime ÷ raw", f"{ratio:.2f}", "≥ 0.7", ratio >= 0.7,
                notes=f"prefetch {prefetch}, concurrency 1, {count:,} messages per round, "
                f"{rounds} rounds each")
-    # The same at prefetch 1: one message outstanding, so nothing else wakes the runtime's
-    # connection loop when the handler finishes (it waits out its 50 ms drain timeout).
+    # The same at prefetch 1: one message outstanding, so every message pays the whole
+    # hand-off to the worker and back (no batch to share it with) and its own ack.
     small = 300
     raw1, ours1 = _one("raw", small, 1), _one("runtime", small, 1)
     result.add("prefetch 1 (diagnostic): runtime ÷ raw",

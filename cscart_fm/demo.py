@@ -158,7 +158,7 @@ class _Demo:
             for name in self.runtimes_names():
                 if channel.queue_declare(queue=f"cscart.{name}", passive=True).message_count:
                     return False
-        return all(not r._in_flight and not r._pending for r in self.runtimes)
+        return all(r.idle for r in self.runtimes)
 
     def runtimes_names(self) -> list[str]:
         return [r.name for r in self.runtimes]

@@ -282,6 +282,11 @@ class ConsumerRuntime(Generic[E]):
     def is_ready(self) -> bool:
         return self.ready
 
+    @property
+    def idle(self) -> bool:
+        """Nothing delivered and not yet settled."""
+        return not self._in_flight and not self._pending
+
     def run(self) -> None:
         wait = 1.0
         metrics.CONSUMER_UP.labels(self.name).set(0)
