@@ -31,10 +31,11 @@ How a tick runs (one client; ``PollRun``):
    Every filter is checked here again; the store's filtering is never trusted alone.
 4. **Per page**: orders already recorded are skipped; the rest are judged (``judge``). The
    page's passing orders are *claimed* in one transaction — a row per order with the exact
-   body to publish — then published together (publisher confirms awaited together), then
-   marked ``published`` in one transaction. A crash before the claim loses nothing (the order
-   is listed again: the watermark has not moved); after it, step 2 of the next tick publishes
-   it with the same ``event_id``.
+   body to publish — then published together; their confirms come back while the next page
+   is judged, and that page's transaction records them ``published`` as it claims its own
+   (one transaction a page). A crash before the claim loses nothing (the order is listed
+   again: the watermark has not moved); after it, step 2 of the next tick publishes it with
+   the same ``event_id`` (so a crash can send FM at most the page in flight again).
 5. **Watermark**: saved only once the run succeeded, never ahead of the store's clock at the
    start of the listing (see ``_Pass.mark``), so an order changed while the listing ran is
    still listed next time.
