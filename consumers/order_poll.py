@@ -772,8 +772,8 @@ class PollRun:
         sent: _Sent | None = None  # published, confirms still coming
         try:
             for page in pages:
-                result.note(page.items)
-                ready, skips, prior = self.judge_page(page.items, plan, filters)
+                result.note(page)
+                ready, skips, prior = self.judge_page(page, plan, filters)
                 previous, sent = sent, None
                 published = self.confirmed(previous)
                 claimed = self.record(ready, skips, prior, published)

@@ -38,7 +38,7 @@ from decimal import Decimal
 from functools import partial
 from http import HTTPStatus
 from types import TracebackType
-from typing import Any, Final, Generic, Literal, TypeVar, get_args
+from typing import Any, Final, Literal, TypeVar, get_args
 from urllib.parse import quote, urlsplit
 
 import requests
@@ -75,7 +75,7 @@ from schemas.cscart import (
 )
 from schemas.settings import ClientSettings, StoreLimits
 
-__all__ = ["OPERATIONS", "CsCartClient", "Operation", "Page"]
+__all__ = ["OPERATIONS", "CsCartClient", "Operation"]
 
 log = structlog.get_logger(__name__)
 
@@ -279,15 +279,6 @@ def _store_message(content: bytes | None) -> str:
             return ""
     text = " ".join(message.split())
     return text if len(text) <= MESSAGE_CHARS else text[: MESSAGE_CHARS - 1] + "…"
-
-
-@dataclass(frozen=True)
-class Page(Generic[M]):
-    """One page of a listing, as the store answered it."""
-
-    number: int  # 1 for the first answer, and so on in the order they came
-    items: list[M]  # items not already yielded by an earlier page
-    total: int  # ``total_items`` as this page reported it (for the range it asked for)
 
 
 def _in_background(call: Callable[[], Any]) -> Future[Any]:
@@ -541,7 +532,7 @@ class CsCartClient:
         time_from: int | None = None,
         updated_from: int | None = None,
         page_size: int | None = None,
-    ) -> Iterator[Page[CartOrder]]:
+    ) -> Iterator[list[CartOrder]]:
         """Every order matching the filters (``statuses``, placed from ``time_from``,
         changed from ``updated_from``), each once, a page at a time, with up to
         ``limits.concurrency`` requests in flight.
@@ -588,26 +579,26 @@ class CsCartClient:
 
         # Never 0: PHP reads "0" as empty, and older versions then take "now".
         ask(_TimeRange(max(1, time_from or 1), horizon))
-        answered = 0
+        first = True
         try:
             while in_flight:
                 done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 for future in done:
                     span = in_flight.pop(future)
                     items, total = future.result()
-                    answered += 1
-                    if answered == 1 and total > self._max_pages * size:
+                    if first and total > self._max_pages * size:
                         raise BadResponse(
                             f"orders.list: the store reports {total} orders, more than "
                             f"{self._max_pages} pages of {size}{_ctx(span.where())}"
                         )
+                    first = False
                     span.check(items, size)
                     fresh = span.fresh(items)
                     free = lanes - len(in_flight)
                     for follow in span.follow_up(items, fresh, total, size, free, now):
                         ask(follow)
                     if fresh:
-                        yield Page(answered, fresh, total)
+                        yield fresh
         finally:
             for future in in_flight:
                 future.cancel()  # a GET asked ahead and not needed: nothing to undo

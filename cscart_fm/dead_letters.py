@@ -978,12 +978,17 @@ def discard(store: StateStore, ids: Sequence[int], *, reason: str, by: str) -> l
     return sorted(changed)
 
 
+def _unresolved(key: str) -> sa.ColumnElement[bool]:
+    """The open and replayed dead letters with this key (the key and status index)."""
+    c = dead_letters.c
+    return sa.and_(c.key == key, c.status.in_([OPEN, REPLAYED]))
+
+
 def resolve(conn: DbConnection, key: str, *, by: str | None = None) -> int:
     """Mark open and replayed dead letters with this key resolved (one indexed UPDATE)."""
-    c = dead_letters.c
     result = conn.execute(
         sa.update(dead_letters)
-        .where(c.key == key, c.status.in_([OPEN, REPLAYED]))
+        .where(_unresolved(key))
         .values(status=RESOLVED, resolved_at=utcnow(), resolved_by=by)
     )
     return int(result.rowcount or 0)
@@ -1003,11 +1008,10 @@ class DeadLetterResolver:
         if not self._ready:
             ensure_table(self.store)
             self._ready = True
-        c = dead_letters.c
         with self.store.engine.connect() as conn:
             # Almost every success has nothing to resolve: a read, not a write per message.
             open_ = conn.execute(
-                sa.select(c.id).where(c.key == key, c.status.in_([OPEN, REPLAYED])).limit(1)
+                sa.select(dead_letters.c.id).where(_unresolved(key)).limit(1)
             ).first()
         if open_ is None:
             return

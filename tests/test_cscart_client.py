@@ -204,7 +204,7 @@ def add_orders(emu: Any, count: int, status: str = "P") -> list[int]:
 
 def listed(client: CsCartClient, **filters: Any) -> list[Any]:
     """Every order of ``order_pages``, in the order the pages came."""
-    return [order for page in client.order_pages(**filters) for order in page.items]
+    return [order for page in client.order_pages(**filters) for order in page]
 
 
 def test_orders_are_paged_to_the_end_by_time(emu: Any) -> None:
@@ -287,7 +287,7 @@ def test_empty_page_before_total_fails_loudly() -> None:
     got: list[int] = []
     def read(url: str) -> None:
         for page in new_client(url).order_pages():
-            got.extend(o.order_id for o in page.items)
+            got.extend(o.order_id for o in page)
 
     with LocalStore(respond) as store, pytest.raises(BadResponse, match="an empty page"):
         read(store.url)
@@ -320,7 +320,7 @@ def test_hard_cap_of_pages() -> None:
 
 
 def _listed(pages: Any) -> list[int]:
-    return [order.order_id for page in pages for order in page.items]
+    return [order.order_id for page in pages for order in page]
 
 
 def test_order_pages_read_each_order_once_with_requests_side_by_side() -> None:
@@ -363,7 +363,7 @@ def test_order_pages_lose_no_order_when_others_leave_the_listing(emu: Any) -> No
     client = new_client(emu.url, page_size=10, concurrency=1)
     listed: list[int] = []
     for page in client.order_pages(statuses=["P"], time_from=1):
-        listed.extend(order.order_id for order in page.items)
+        listed.extend(order.order_id for order in page)
         for order_id in ids[len(listed) - 10 : len(listed) - 7]:
             emu.set_order_status(order_id, "C")  # three of the page just read leave
     assert listed == ids

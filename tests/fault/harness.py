@@ -271,6 +271,13 @@ class ConsumerProcess:
         return self.process.returncode
 
 
+def start_all(processes: Iterable[ConsumerProcess]) -> None:
+    """Start the processes together (they boot side by side), then wait until each is ready."""
+    started = [process.start() for process in processes]
+    for process in started:
+        process.wait_ready()
+
+
 def total_over_processes(process: ConsumerProcess, name: str, **labels: str) -> float:
     """A counter summed over every process started (from each one's last scrape)."""
     return sum(metric_value(text, name, **labels) for text in process.last_scrapes.values())
@@ -479,6 +486,7 @@ __all__ = [
     "queue_depth",
     "report",
     "size",
+    "start_all",
     "take_dead_letters",
     "total_over_processes",
 ]

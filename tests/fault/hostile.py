@@ -14,6 +14,8 @@ from typing import Any
 
 from hypothesis import strategies as st
 
+from tests.support.broker import shipment_event
+
 ROUTING_KEYS: tuple[str, ...] = ("order-poll.tick", "shipment.lodged", "stock.snapshot")
 KNOWN_CLIENT = "ACME"
 
@@ -66,19 +68,14 @@ def template(kind: str, client_id: str = KNOWN_CLIENT, n: int = 0) -> dict[str, 
     if kind == "order-poll.tick":
         return {**base, "type": "order-poll.tick", "issued_at": "2026-11-22T10:00:00+00:00"}
     if kind == "shipment.lodged":
-        return {
+        return shipment_event(
+            f"FM-HOSTILE-{n}",
             **base,
-            "type": "shipment.lodged",
-            "order_no": f"CS{9_000_000 + n}",
-            "cart_order_id": 9_000_000 + n,
-            "shipment_ref": f"FM-HOSTILE-{n}",
-            "tracking_number": "33ABC1234567",
-            "carrier": "Australia Post",
-            "tracking_url": "https://auspost.com.au/mypost/track/#/details/33ABC1234567",
-            "lodged_at": "2026-11-23T15:02:00+11:00",
-            "lines": [{"sku": "Test001", "quantity": 2}],
-            "backordered": [{"sku": "Test003", "quantity": 1}],
-        }
+            order_no=f"CS{9_000_000 + n}",
+            cart_order_id=9_000_000 + n,
+            tracking_url="https://auspost.com.au/mypost/track/#/details/33ABC1234567",
+            backordered=[{"sku": "Test003", "quantity": 1}],
+        )
     return {
         **base,
         "type": "stock.snapshot",

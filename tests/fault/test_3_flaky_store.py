@@ -36,6 +36,7 @@ from .harness import (
     queue_depth,
     report,
     size,
+    start_all,
     take_dead_letters,
 )
 
@@ -135,10 +136,7 @@ def test_a_flaky_store_ends_with_every_event_applied_or_dead_lettered_and_nothin
         bursts = Bursts(faults, rng)
         started = time.monotonic()
         try:
-            for service in services.values():
-                service.start()
-            for service in services.values():
-                service.wait_ready()
+            start_all(services.values())
             bursts.start()
             publisher = Publisher(broker_url)
             try:

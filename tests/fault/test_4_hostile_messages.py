@@ -37,6 +37,7 @@ from .harness import (
     queue_depth,
     report,
     size,
+    start_all,
     take_dead_letters,
 )
 from .hostile import ROUTING_KEYS, Budget, Hostile, hostile_message
@@ -80,10 +81,7 @@ def test_hostile_messages_are_dead_lettered_with_a_reason_and_the_consumers_stay
         publisher = Publisher(broker_url)
         started = time.monotonic()
         try:
-            for service in services.values():
-                service.start()
-            for service in services.values():
-                service.wait_ready()
+            start_all(services.values())
             pids = {rk: s.pid for rk, s in services.items()}
 
             @settings(max_examples=count, database=None, deadline=None, derandomize=True,

@@ -70,7 +70,7 @@ def main() -> None:
         def order_pages(self: CsCartClient, **kwargs: Any) -> Iterator[Any]:
             nonlocal hits
             for page in original_pages(self, **kwargs):
-                hits += len(page.items)
+                hits += len(page)
                 if hits >= n:
                     die()
                 yield page
