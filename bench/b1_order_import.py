@@ -18,7 +18,10 @@ shows how much of the bridge's own work hides behind the store's latency.
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -31,6 +34,7 @@ from .common import (
     API_KEY,
     API_USER,
     Result,
+    cpu_seconds,
     fmt_s,
     fresh_vhost,
     log,
@@ -51,6 +55,7 @@ class Round:
     wall: float
     acked: float
     poll_seconds: float
+    cpu: float
     counts: dict[str, int]
     queries: list[dict[str, list[str]]]
     distinct: int
@@ -73,11 +78,13 @@ def _round(count: int, latency: float) -> Round:
         try:
             service.wait_ready()
             mark = store.mark()
+            cpu_before = cpu_seconds(service.pid)
             started = time.monotonic()
             tick(publisher)
             arrived = fm.wait_for(count, timeout=1800)
             wait_until(lambda: finished(service) >= 1, timeout=600, interval=0.01)
             acked = time.monotonic() - started
+            cpu = cpu_seconds(service.pid) - cpu_before
             metrics = service.metrics()
             counts = store.counts(mark)
             queries = store.call("queries", mark, "orders.list")
@@ -86,10 +93,48 @@ def _round(count: int, latency: float) -> Round:
             service.stop()
             fm.stop()
     found = Round(arrived - started, acked,
-                  metric_value(metrics, "cscart_fm_order_poll_seconds_sum"), dict(counts),
+                  metric_value(metrics, "cscart_fm_order_poll_seconds_sum"), cpu, dict(counts),
                   queries, len(fm.seen), fm.copies)
     log(f"bench 1: {count} orders at {latency * 1000:.0f} ms in {found.wall:.2f} s, "
         f"{sum(counts.values())} calls {found.counts}")
+    return found
+
+
+@dataclass
+class Floor:
+    wall: float
+    cpu: float
+
+
+def _floor_round(count: int, latency: float) -> Floor:
+    """The same import by ``bench.floor``, a minimal fetch-and-forward client, in a process of
+    its own: wall time from its start signal to the ``count``-th order at FM's queue."""
+    with RemoteStore(api_user=API_USER, api_key=API_KEY) as store, fresh_vhost("b1f") as url:
+        seed_orders(store, count, placed_from=int(time.time()) - count * 60 - 3600, step=60)
+        store.call("set_fault", "*", Fault(latency=latency))
+        fm = FmQueue(url)
+        fm.start()
+        fm.ready.wait(30)
+        command = [sys.executable, "-m", "bench.floor", store.url, url, str(count),
+                   str(LIMITS["page_size"]), str(LIMITS["concurrency"])]
+        with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,  # noqa: S603
+                              text=True) as floor:
+            assert floor.stdin is not None
+            assert floor.stdout is not None
+            try:
+                if floor.stdout.readline().strip() != "ready":
+                    raise RuntimeError("bench.floor did not start")
+                started = time.monotonic()
+                floor.stdin.write("go\n")
+                floor.stdin.flush()
+                arrived = fm.wait_for(count, timeout=600)
+                figures = json.loads(floor.stdout.readline())
+            finally:
+                floor.kill()
+                fm.stop()
+    found = Floor(arrived - started, float(figures["cpu"]))
+    log(f"bench 1 floor: {count} orders at {latency * 1000:.0f} ms in {found.wall:.2f} s, "
+        f"CPU {found.cpu:.2f} s")
     return found
 
 
@@ -109,7 +154,7 @@ def run(quick: bool = False) -> Result:
     result.add("wall time, tick → last order at FM's queue (median)", fmt_s(median.wall),
                notes="each: " + ", ".join(fmt_s(r.wall) for r in rounds) + "; the median "
                f"round's tick was acknowledged after {median.acked:.2f} s, the handler's own "
-               f"time {median.poll_seconds:.2f} s")
+               f"time {median.poll_seconds:.2f} s, the consumer process's CPU {fmt_s(median.cpu)}")
     result.add("the bound", fmt_s(bound),
                notes=f"{LATENCY * 1000:.0f} ms × {pages} pages (ceil({count:,} / "
                f"page_size {page_size})) ÷ concurrency {concurrency}")
@@ -122,6 +167,14 @@ def run(quick: bool = False) -> Result:
     distinct = min(r.distinct for r in rounds)
     result.add("distinct orders at FM's queue", f"{distinct:,}", f"{count:,}", distinct == count,
                notes=f"{sum(r.copies for r in rounds)} extra copies in {len(rounds)} rounds")
+    floors = [_floor_round(count, LATENCY) for _ in range(1 if quick else ROUNDS)]
+    floor = sorted(floors, key=lambda f: f.wall)[len(floors) // 2]
+    result.add("diagnostic: the machine's floor (a minimal fetch-and-forward client), ratio "
+               "to the bound", f"{floor.wall / bound:.2f}×",
+               notes=f"{fmt_s(floor.wall)} (each: {', '.join(fmt_s(f.wall) for f in floors)}), "
+               f"its CPU {fmt_s(floor.cpu)}: bench/floor.py lists, parses and forwards the same "
+               "orders with no validation, state or mapping; what it takes above the bound is "
+               "the store's and the broker's own service time, which the bound leaves out")
     if not quick:
         slow = _round(count, SLOW_LATENCY)
         slow_bound = SLOW_LATENCY * pages / concurrency
