@@ -37,11 +37,16 @@ __all__ = [
 _INT = re.compile(r"[+-]?\d+")
 _INTEGRAL_DECIMAL = re.compile(r"[+-]?\d+\.0*")
 _DECIMAL = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+_PLAIN_DECIMAL = re.compile(r"\d{1,30}(\.\d{1,30})?", re.ASCII)
 
 
 def _is_blank(value: Any) -> bool:
     # PHP writes a missing value as null, "" or false; an empty object or list as [].
-    return value is None or value is False or value == "" or value == [] or value == {}
+    # (Compared by type and length: a store's page holds thousands of these values.)
+    if value is None or value is False:
+        return True
+    kind = type(value)
+    return (kind is str or kind is list or kind is dict) and not value
 
 
 # --- scalar coercions ----------------------------------------------------------------------
@@ -53,6 +58,11 @@ def _finite(value: Decimal | float) -> bool:
 
 
 def _int(value: Any) -> int:
+    kind = type(value)
+    if kind is str and value.isascii() and value.isdigit():  # the usual "97"
+        return int(value)
+    if kind is int:
+        return int(value)
     if isinstance(value, bool):
         raise ValueError("expected an integer, got a boolean")
     if isinstance(value, int):
@@ -75,6 +85,8 @@ def _int_or_zero(value: Any) -> int:
 
 
 def _decimal(value: Any) -> Decimal:
+    if type(value) is str and _PLAIN_DECIMAL.fullmatch(value):  # the usual "29.90"
+        return Decimal(value)
     if isinstance(value, bool):
         raise ValueError("expected a decimal number, got a boolean")
     if isinstance(value, Decimal):
@@ -100,6 +112,8 @@ def _decimal_or_zero(value: Any) -> Decimal:
 
 
 def _text(value: Any) -> str:
+    if type(value) is str:  # the usual case, "" included
+        return value  # type: ignore[no-any-return]
     if _is_blank(value):
         return ""
     if isinstance(value, str):

@@ -144,6 +144,41 @@ def test_shipping_as_an_object_keyed_by_index() -> None:
 
 
 @pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("order_id", "97", 97),
+        ("order_id", " 97 ", 97),
+        ("order_id", "+97", 97),
+        ("order_id", "0097", 97),
+        ("order_id", 97, 97),
+        ("order_id", Decimal("97"), 97),
+        ("order_id", "97.000", 97),  # a DECIMAL column
+        ("parent_order_id", "-3", -3),
+        ("parent_order_id", "", 0),
+        ("parent_order_id", None, 0),
+        ("total", "29.90", Decimal("29.90")),
+        ("total", " 29.90 ", Decimal("29.90")),
+        ("total", "+1.5", Decimal("1.5")),
+        ("total", "-1.5", Decimal("-1.5")),
+        ("total", ".5", Decimal("0.5")),
+        ("total", "1e2", Decimal("100")),
+        ("total", 7, Decimal(7)),
+        ("total", "", Decimal(0)),
+        ("total", False, Decimal(0)),
+        ("b_zipcode", 2000, "2000"),
+        ("b_zipcode", "", ""),
+        ("b_zipcode", None, ""),
+        ("b_zipcode", [], ""),
+    ],
+)
+def test_scalar_forms_a_store_writes(field: str, value: Any, expected: Any) -> None:
+    data: dict[str, Any] = {"order_id": "1", "status": "P", "timestamp": "1", field: value}
+    parsed = getattr(CartOrder.model_validate(data), field)
+    assert parsed == expected
+    assert type(parsed) is type(expected)
+
+
+@pytest.mark.parametrize(
     ("field", "value"),
     [
         ("order_id", "abc"),
@@ -154,6 +189,10 @@ def test_shipping_as_an_object_keyed_by_index() -> None:
         ("total", "NaN"),
         ("is_parent_order", "maybe"),
         ("parent_order_id", "1.5"),
+        ("parent_order_id", "²"),  # a digit to str.isdigit, not to int()
+        ("total", "1.2.3"),
+        ("total", "Infinity"),
+        ("b_zipcode", True),
     ],
 )
 def test_malformed_fields_fail_naming_the_field(field: str, value: Any) -> None:
