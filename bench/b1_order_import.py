@@ -115,7 +115,7 @@ def _floor_round(count: int, latency: float) -> Floor:
         fm = FmQueue(url)
         fm.start()
         fm.ready.wait(30)
-        command = [sys.executable, "-m", "bench.floor", store.url, url, str(count),
+        command = [sys.executable, "-m", "bench.floor", store.url, url,
                    str(LIMITS["page_size"]), str(LIMITS["concurrency"])]
         with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,  # noqa: S603
                               text=True) as floor:
