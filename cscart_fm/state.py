@@ -161,10 +161,13 @@ class StateStore:
             with self.engine.begin() as conn:
                 yield conn
 
+    def _insert(self, table: sa.Table) -> Any:
+        """An INSERT with the dialect's ON CONFLICT clauses."""
+        return postgresql.insert(table) if self.dialect == "postgresql" else sqlite.insert(table)
+
     def insert_ignore(self, conn: Connection, table: sa.Table, values: Mapping[str, Any]) -> bool:
         """Insert a row unless its key exists; True when this call inserted it."""
-        dialect_insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
-        statement = dialect_insert(table).values(**values).on_conflict_do_nothing()
+        statement = self._insert(table).values(**values).on_conflict_do_nothing()
         # RETURNING, not rowcount: psycopg 3 reports -1 for an INSERT ... ON CONFLICT.
         marker = next(iter(table.primary_key.columns))
         return conn.execute(statement.returning(marker)).first() is not None
@@ -177,9 +180,8 @@ class StateStore:
         sends them as multi-row INSERTs), not a statement compiled per call."""
         if not rows:
             return set()
-        dialect_insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
         statement = (
-            dialect_insert(table).on_conflict_do_nothing().returning(*table.primary_key.columns)
+            self._insert(table).on_conflict_do_nothing().returning(*table.primary_key.columns)
         )
         return {tuple(row) for row in conn.execute(statement, list(rows))}
 
@@ -194,8 +196,7 @@ class StateStore:
     ) -> bool:
         """Insert or update the row with this key (optionally only ``where`` holds);
         True when a row was written."""
-        dialect_insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
-        statement = dialect_insert(table).values(**values)
+        statement = self._insert(table).values(**values)
         updates = {name: statement.excluded[name] for name in values if name not in key}
         statement = statement.on_conflict_do_update(index_elements=key, set_=updates, where=where)
         marker = next(iter(table.primary_key.columns))
