@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cscart.emulator import Fault
-from cscart_fm.broker import Publisher
+from cscart_emulator import Fault
+from cscart_fm.core.broker import Publisher
 
 from .common import API_KEY, API_USER, Result, fresh_vhost, log, metric_value, wait_until
 from .orders import FmQueue, finished, order_poll_service, run_tick, seed_orders, tick

@@ -21,10 +21,10 @@ import time
 import uuid
 from pathlib import Path
 
-from consumers.stock_snapshot import MIN_LISTING_PAGE
-from cscart.emulator import Fault
-from cscart_fm.broker import Publisher
-from cscart_fm.topology import EVENTS_EXCHANGE
+from consumers.stock_snapshot.handler import MIN_LISTING_PAGE
+from cscart_emulator import Fault
+from cscart_fm.core.broker import Publisher
+from cscart_fm.core.topology import EVENTS_EXCHANGE
 
 from .common import (
     API_KEY,

@@ -22,22 +22,24 @@ import time
 from collections.abc import Callable
 
 from kombu import Connection, Consumer, Producer
-from kombu.message import Message
+from kombu.message import Message as AmqpMessage
 
-from cscart_fm import metrics, topology
-from cscart_fm.observability import configure_logging
-from cscart_fm.runtime import ConsumerRuntime, Delivery, RuntimeOptions
-from schemas.messages import ShipmentLodged, _Message
+from consumers.registry import JOBS
+from cscart_fm.core import metrics
+from cscart_fm.core.observability import configure_logging
+from cscart_fm.core.runtime import ConsumerRuntime, Delivery, RuntimeOptions
+from schemas.messages import Message, ShipmentLodged
 
 from .common import Result, fresh_vhost, log
 
 CONSUMER = "shipment-lodged"
-TOPOLOGY = topology.consumer_topology(CONSUMER)
+JOB = JOBS.named(CONSUMER)
+TOPOLOGY = JOB.topology()
 
 
 class NoOpHandler:
     consumer = CONSUMER
-    event_type: type[_Message] = ShipmentLodged
+    event_type: type[Message] = ShipmentLodged
 
     def handle(self, event: ShipmentLodged, delivery: Delivery) -> None:
         return None
@@ -110,6 +112,7 @@ def run_runtime(url: str, count: int, prefetch: int) -> float:
         NoOpHandler(),
         broker_url=url,
         topology=TOPOLOGY,
+        accepts=JOB.events,
         options=RuntimeOptions(prefetch=prefetch, concurrency=1, heartbeat=30),
     )
     thread = threading.Thread(target=runtime.run, name="bench-runtime", daemon=True)
@@ -135,7 +138,7 @@ def run_raw(url: str, count: int, prefetch: int) -> float:
             channel = conn.channel()
             channel.basic_qos(0, prefetch, False)
 
-            def on_message(message: Message) -> None:
+            def on_message(message: AmqpMessage) -> None:
                 nonlocal acked
                 message.ack()
                 acked += 1

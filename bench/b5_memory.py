@@ -14,8 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from cscart.emulator import Fault
-from cscart_fm.broker import Publisher
+from cscart_emulator import Fault
+from cscart_fm.core.broker import Publisher
 
 from .common import (
     API_KEY,

@@ -27,8 +27,8 @@ from typing import Any
 
 import requests
 
-from cscart_fm import topology
-from cscart_fm.broker import Outgoing, Publisher, contract_properties
+from cscart_fm.core import topology
+from cscart_fm.core.broker import Outgoing, Publisher, contract_properties
 
 from .common import API_KEY, API_USER
 

@@ -13,8 +13,8 @@ from typing import Any
 from kombu import Connection, Consumer
 from kombu.message import Message
 
-from cscart_fm import topology
-from cscart_fm.broker import Publisher
+from cscart_fm.core import topology
+from cscart_fm.core.broker import Publisher
 from schemas.messages import OrderPollTick
 
 from .common import (

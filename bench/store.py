@@ -13,7 +13,7 @@ from collections import Counter
 from multiprocessing.connection import Connection
 from typing import Any
 
-from cscart.emulator import StoreEmulator
+from cscart_emulator import StoreEmulator
 
 
 def _serve(options: dict[str, Any], pipe: Connection) -> None:

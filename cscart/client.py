@@ -15,9 +15,9 @@ that store. It owns what "being gentle with a store on modest hosting" means:
 - responses read as a stream up to ``limits.max_response_bytes`` and parsed as JSON with
   decimals kept exact; pages read to the end by ``total_items``, loudly failing when the store's
   paging cannot be trusted;
-- every failure raised as one of the typed errors of ``cscart_fm.errors`` whose reason names the
-  operation, the HTTP status and the object (``orders.get: HTTP 404 Not Found (order 1000012)``),
-  never a credential or a shopper's data;
+- every failure raised as one of the typed errors of ``cscart_fm.core.errors`` whose reason
+  names the operation, the HTTP status and the object (``orders.get: HTTP 404 Not Found
+  (order 1000012)``), never a credential or a shopper's data;
 - a metric sample for every HTTP attempt, a structured log line for every retry.
 """
 
@@ -52,7 +52,8 @@ from urllib3.exceptions import (
     ReadTimeoutError,
 )
 
-from cscart_fm.errors import (
+from cscart.statuses import OrderStatuses
+from cscart_fm.core.errors import (
     BadResponse,
     NotFound,
     RateLimited,
@@ -63,8 +64,8 @@ from cscart_fm.errors import (
     StoreUnauthorized,
     StoreUnreachable,
 )
-from cscart_fm.metrics import STORE_REQUEST_SECONDS, STORE_REQUESTS, STORE_RETRIES
-from cscart_fm.observability import register_secret
+from cscart_fm.core.metrics import STORE_REQUEST_SECONDS, STORE_REQUESTS, STORE_RETRIES
+from cscart_fm.core.observability import register_secret
 from schemas.cscart import (
     CartCombination,
     CartOrder,
@@ -106,7 +107,6 @@ M = TypeVar("M", bound=BaseModel)
 USER_AGENT: Final = "cscart-fm/0.1"
 MESSAGE_CHARS: Final = 200
 """How much of a store's error message goes into a reason."""
-STATUS_CACHE_SECONDS: Final = 300.0
 STATUSES_PAGE_SIZE: Final = 250
 """Statuses are single letters (at most a few dozen): one page always holds them all, which
 also sidesteps 4.x versions whose ``total_items`` counts only the page."""
@@ -459,7 +459,8 @@ class CsCartClient:
             self._session.mount("https://", adapter)
 
         self._updated_at: bool | None = None
-        self._status_cache: tuple[float, frozenset[str]] | None = None
+        self.statuses = OrderStatuses(partial(self.list_statuses, "O"))
+        """The store's order statuses, cached: what every job resolves statuses against."""
 
     @classmethod
     def for_client(cls, settings: ClientSettings, **kwargs: Any) -> CsCartClient:
@@ -507,21 +508,11 @@ class CsCartClient:
         )
         return [self._model(CartStatus, item, "statuses.list", f"type {type}") for item in items]
 
-    def order_status_letters(self, *, refresh: bool = False) -> frozenset[str]:
-        """The store's order status letters, cached for a few minutes."""
-        cached = self._status_cache
-        if (not refresh and cached is not None
-                and time.monotonic() - cached[0] < STATUS_CACHE_SECONDS):
-            return cached[1]
-        letters = frozenset(status.status for status in self.list_statuses("O") if status.status)
-        self._status_cache = (time.monotonic(), letters)
-        return letters
-
     def _known_letters(self, letter: str) -> frozenset[str]:
-        letters = self.order_status_letters()
-        if letter not in letters:  # perhaps added in the store since the cache was filled
-            letters = self.order_status_letters(refresh=True)
-        return letters
+        names = self.statuses.names()
+        if letter not in names:  # perhaps added in the store since the cache was filled
+            names = self.statuses.names(refresh=True)
+        return frozenset(names)
 
     # --- orders ----------------------------------------------------------------------------
 
@@ -1218,3 +1209,26 @@ class CsCartClient:
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"JSON constant {name} is not valid JSON")
+
+
+class StoreClients:
+    """One CS-Cart client per store, shared by every thread of the process, so that the
+    per-store rate limit and concurrency cap hold for the whole process."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, CsCartClient] = {}
+        self._lock = threading.Lock()
+
+    def for_client(self, settings: ClientSettings) -> CsCartClient:
+        with self._lock:
+            client = self._cache.get(settings.client_id)
+            if client is None:
+                client = CsCartClient.for_client(settings)
+                self._cache[settings.client_id] = client
+            return client
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._cache = list(self._cache.values()), {}
+        for client in clients:
+            client.close()

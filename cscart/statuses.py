@@ -8,7 +8,13 @@ statuses have any name), so names are matched loosely against ``GET /api/statuse
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+
+from schemas.cscart import CartStatus
+
+CACHE_SECONDS = 300.0
 
 # The client documents' names of CS-Cart's built-in statuses, for stores that renamed them.
 _BUILT_IN = {
@@ -61,3 +67,45 @@ def resolve_all(
         elif letter not in found:
             found.append(letter)
     return found, missing
+
+
+class OrderStatuses:
+    """One store's order statuses (letter → name), read from the store and kept a few
+    minutes: the catalogue every job resolves the client's statuses against."""
+
+    def __init__(self, read: Callable[[], Iterable[CartStatus]], ttl: float = CACHE_SECONDS):
+        self._read = read
+        self._ttl = ttl
+        self._lock = threading.Lock()
+        self._cached: tuple[float, dict[str, str]] | None = None
+
+    def names(self, *, refresh: bool = False) -> dict[str, str]:
+        """Each status letter the store lists, with its name."""
+        with self._lock:
+            cached = self._cached
+        if not refresh and cached is not None and time.monotonic() - cached[0] < self._ttl:
+            return cached[1]
+        names = {status.status: status.description for status in self._read() if status.status}
+        with self._lock:
+            self._cached = (time.monotonic(), names)
+        return names
+
+    def forget(self) -> None:
+        with self._lock:
+            self._cached = None
+
+    def resolve(self, wanted: str) -> str | None:
+        """The letter of ``wanted`` (a letter or a name), read afresh once when the cached
+        list lacks it (a status added in the store since)."""
+        letter = resolve_status(wanted, self.names())
+        if letter is None:
+            letter = resolve_status(wanted, self.names(refresh=True))
+        return letter
+
+    def resolve_all(self, wanted: Iterable[str]) -> tuple[list[str], list[str]]:
+        """(letters found, names not found), reading afresh once when any is missing."""
+        wanted = list(wanted)
+        found, missing = resolve_all(wanted, self.names())
+        if missing:
+            found, missing = resolve_all(wanted, self.names(refresh=True))
+        return found, missing

@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 from typing import BinaryIO
 
-from cscart_fm import topology
-from cscart_fm.broker import Publisher, message_properties
-from cscart_fm.errors import InvalidMessage
-from schemas.messages import ROUTING_KEYS, _Message, parse_event
+from cscart_fm.core import topology
+from cscart_fm.core.broker import Publisher, message_properties
+from cscart_fm.core.errors import InvalidMessage
+from cscart_fm.core.events import parse_event
+from schemas.messages import ROUTING_KEYS, Message
 
 
 class CannotRead(Exception):
@@ -32,7 +33,7 @@ def read_source(source: str, stdin: BinaryIO | None = None) -> bytes:
         raise CannotRead(f"cannot read {source!r} ({exc.strerror})") from None
 
 
-def validate(body: bytes) -> tuple[bytes, _Message]:
+def validate(body: bytes) -> tuple[bytes, Message]:
     """The body to publish and the event it holds, or InvalidMessage naming the field."""
     body = body.strip()
     if body.startswith(b"\xef\xbb\xbf"):  # an editor's byte-order mark is not the event's
@@ -42,7 +43,7 @@ def validate(body: bytes) -> tuple[bytes, _Message]:
     return body, parse_event(body)
 
 
-def destination(event: _Message) -> tuple[str, str]:
+def destination(event: Message) -> tuple[str, str]:
     """The exchange and routing key the contract gives this event's type."""
     routing_key = ROUTING_KEYS[type(event)]
     exchange = (
@@ -53,7 +54,7 @@ def destination(event: _Message) -> tuple[str, str]:
     return exchange, routing_key
 
 
-def publish_event(publisher: Publisher, body: bytes, event: _Message) -> tuple[str, str]:
+def publish_event(publisher: Publisher, body: bytes, event: Message) -> tuple[str, str]:
     """Publish the validated body as written, with the contract's properties; wait for the
     broker's confirm. Returns where it went."""
     exchange, routing_key = destination(event)

@@ -34,12 +34,13 @@ import sqlalchemy as sa
 import structlog
 import yaml
 
-from cscart_fm.broker import Publisher, message_properties
-from cscart_fm.errors import SettingsError
-from cscart_fm.state import StateStore, metadata
-from cscart_fm.topology import EVENTS_EXCHANGE
-from schemas.messages import ROUTING_KEYS, OrderPollTick, parse_event
-from schemas.settings import parse_clients
+from cscart_fm.core.broker import Publisher, message_properties
+from cscart_fm.core.clients import parse_clients
+from cscart_fm.core.errors import SettingsError
+from cscart_fm.core.events import parse_event
+from cscart_fm.core.state import Component, StateStore, UtcDateTime, metadata
+from cscart_fm.core.topology import EVENTS_EXCHANGE
+from schemas.messages import ROUTING_KEYS, OrderPollTick
 
 log = structlog.get_logger(__name__)
 
@@ -47,9 +48,10 @@ tick_schedule = sa.Table(
     "tick_schedule",
     metadata,
     sa.Column("client_id", sa.String(64), primary_key=True),
-    sa.Column("last_tick_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("last_tick_at", UtcDateTime(), nullable=False),
     sa.Column("event_id", sa.String(64), nullable=False),
 )
+COMPONENT = Component("tick", (tick_schedule,))
 
 _NO_KEY_ENV = "CSCART_FM_TICK_NEEDS_NO_API_KEY"
 
@@ -159,9 +161,7 @@ class Schedule:
                     for client_id, when in conn.execute(
                         sa.select(tick_schedule.c.client_id, tick_schedule.c.last_tick_at)
                     ):
-                        self.last[client_id] = (
-                            when.replace(tzinfo=UTC) if when.tzinfo is None else when
-                        )
+                        self.last[client_id] = when
             except sa.exc.SQLAlchemyError as exc:
                 log.warning(
                     "state store unavailable: last ticks kept in memory only",

@@ -89,7 +89,7 @@ def state_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:  # typ
     yield url
     import sqlalchemy as sa
 
-    from cscart_fm.state import metadata
+    from cscart_fm.core.state import metadata
 
     engine = sa.create_engine(url)
     metadata.drop_all(engine)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cscart.emulator import StoreEmulator
+from cscart_emulator import StoreEmulator
 
 from .support.broker import wait_for
 from .support.pipeline import API_KEY, KEY_ENV, REPO, cli_env, client_doc, write_clients_file

@@ -24,9 +24,11 @@ import requests
 import sqlalchemy as sa
 import yaml
 
-from cscart_fm import dead_letters as dl
-from cscart_fm.console import audit
-from cscart_fm.console.auth import (
+from cscart_fm.cli.wiring import open_state
+from cscart_fm.core.state import StateStore
+from cscart_fm.support import dead_letters as dl
+from cscart_fm.support.console import audit
+from cscart_fm.support.console.auth import (
     ConsoleSettingsError,
     LoginThrottle,
     PasswordHash,
@@ -34,7 +36,6 @@ from cscart_fm.console.auth import (
     User,
     load_accounts,
 )
-from cscart_fm.state import StateStore
 
 from .support.broker import shipment_event, wait_for
 from .support.console_helpers import (
@@ -67,7 +68,7 @@ def sqlite_url(tmp_path: Path) -> str:
 
 @pytest.fixture
 def store(sqlite_url: str) -> Iterator[StateStore]:
-    opened = StateStore.open(sqlite_url)
+    opened = open_state(sqlite_url)
     yield opened
     opened.close()
 
@@ -313,7 +314,7 @@ def test_session_cookie_is_random_httponly_strict_and_ends_at_logout(
 
 
 def test_tokens_from_the_environment(store: StateStore, tmp_path: Path) -> None:
-    from cscart_fm.console.server import Console
+    from cscart_fm.support.console.server import Console
 
     from .support.console_helpers import no_collect
 
@@ -435,7 +436,7 @@ def test_a_forged_post_without_or_with_a_wrong_csrf_token_is_refused(
 def test_personal_data_is_masked_by_default_and_a_reveal_is_audited(
     state_url: str, tmp_path: Path
 ) -> None:
-    store = StateStore.open(state_url)
+    store = open_state(state_url)
     letter_id = store_letter(
         store,
         order_imported_body(),
@@ -481,7 +482,7 @@ def test_personal_data_is_masked_by_default_and_a_reveal_is_audited(
 
 
 def test_filters_and_paging(state_url: str, tmp_path: Path) -> None:
-    store = StateStore.open(state_url)
+    store = open_state(state_url)
     try:
         ids: dict[str, list[int]] = {"acme": [], "beta": [], "stock": [], "old": []}
         for n in range(30):
@@ -550,7 +551,7 @@ def test_filters_and_paging(state_url: str, tmp_path: Path) -> None:
 
 
 def test_discard_keeps_the_reason_and_is_audited(state_url: str, tmp_path: Path) -> None:
-    store = StateStore.open(state_url)
+    store = open_state(state_url)
     try:
         letter_id = store_letter(store, shipment_event("D-1"))
         with served(make_console(store, tmp_path)) as base:
@@ -664,7 +665,7 @@ def test_a_replay_the_broker_does_not_take_stays_open_and_says_so(
 
 
 def test_the_list_says_when_the_broker_cannot_be_reached(store: StateStore, tmp_path: Path) -> None:
-    from cscart_fm.dead_letters import collect
+    from cscart_fm.support.dead_letters import collect
 
     store_letter(store, shipment_event("OFF-1"))
     console = make_console(store, tmp_path, collect=collect)  # broker at 127.0.0.1:1: refused
@@ -719,10 +720,10 @@ def test_a_dead_letter_page_says_what_happened_what_to_do_and_its_history(
 
 
 def test_overview_per_client(state_url: str, tmp_path: Path) -> None:
-    op = pytest.importorskip("consumers.order_poll")
-    from consumers.shipment_lodged import pushed_shipments
-    from consumers.stock_snapshot import stock_reports
-    from schemas.settings import parse_clients
+    from consumers.order_poll import handler as op
+    from consumers.shipment_lodged.handler import pushed_shipments
+    from consumers.stock_snapshot.handler import stock_reports
+    from cscart_fm.core.clients import parse_clients
 
     from .support.pipeline import API_KEY, KEY_ENV, client_doc
 
@@ -740,7 +741,7 @@ def test_overview_per_client(state_url: str, tmp_path: Path) -> None:
         },
         {KEY_ENV: API_KEY},
     )
-    store = StateStore.open(state_url)
+    store = open_state(state_url)
     try:
 
         def poll_row(cid: str, at: datetime) -> dict[str, Any]:
@@ -868,12 +869,10 @@ def test_overview_per_client(state_url: str, tmp_path: Path) -> None:
 
 
 def test_order_lookup_shows_explain(sqlite_url: str, tmp_path: Path) -> None:
-    pytest.importorskip("consumers.order_poll")
-    from cscart.emulator import StoreEmulator
-    from cscart_fm.app import Services
-    from cscart_fm.broker import Publisher
-    from cscart_fm.config import Environment
-    from schemas.settings import parse_clients
+    from consumers.services import Services
+    from cscart_emulator import StoreEmulator
+    from cscart_fm.core.broker import Publisher
+    from cscart_fm.core.clients import parse_clients
 
     from .support.pipeline import API_KEY, API_USER, KEY_ENV, client_doc
 
@@ -885,9 +884,8 @@ def test_order_lookup_shows_explain(sqlite_url: str, tmp_path: Path) -> None:
         clients = parse_clients(
             {"clients": [client_doc(emu.url, orders={"countries": ["AU"]})]}, {KEY_ENV: API_KEY}
         )
-        store = StateStore.open(sqlite_url)
+        store = open_state(sqlite_url)
         services = Services(
-            env=Environment(state_url=sqlite_url),
             clients=clients,
             state=store,
             publisher=Publisher("amqp://guest:guest@127.0.0.1:1//"),
@@ -950,14 +948,14 @@ def test_console_runs_on_the_real_broker_and_replays_through_it(
 ) -> None:
     """Collected from the .dlq queue when the page lists it; replayed with confirms; resolved
     by the consumer's success hook."""
-    from cscart_fm.dead_letters import DeadLetterResolver
-    from cscart_fm.errors import NotFound
+    from cscart_fm.core.errors import NotFound
+    from cscart_fm.support.dead_letters import DeadLetterResolver
 
     from .support.broker import declare, depth, publish_json, running
     from .support.dlq_handlers import Planned
 
     declare(broker_url)
-    store = StateStore.open(sqlite_url)
+    store = open_state(sqlite_url)
     handler = Planned({"BR-1": NotFound("orders.get: HTTP 404"), "BR-2": NotFound("HTTP 404")})
     console = make_console(
         store,
@@ -969,7 +967,7 @@ def test_console_runs_on_the_real_broker_and_replays_through_it(
     )
     try:
         with (
-            running(handler, broker_url, on_success=DeadLetterResolver(store)),
+            running(handler, broker_url, middleware=[DeadLetterResolver(store)]),
             served(console) as base,
         ):
             publish_json(broker_url, shipment_event("BR-1"), "shipment.lodged")

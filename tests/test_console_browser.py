@@ -44,11 +44,10 @@ def test_support_logs_in_filters_replays_and_sees_it_resolved(
 ) -> None:
     lacking = missing()
     need(f"a browser for the console test ({lacking} missing)", lacking is None)
-    pytest.importorskip("consumers.shipment_lodged")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    from cscart.emulator import StoreEmulator
+    from cscart_emulator import StoreEmulator
 
     state_url = f"sqlite:///{tmp_path / 'state.sqlite'}"
     declare(broker_url)

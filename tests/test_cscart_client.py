@@ -26,7 +26,7 @@ from prometheus_client import REGISTRY
 from pydantic import SecretStr
 
 from cscart.client import OPERATIONS, CsCartClient, _parse_retry_after
-from cscart_fm.errors import (
+from cscart_fm.core.errors import (
     BadResponse,
     NotFound,
     RateLimited,
@@ -180,7 +180,7 @@ def slim_order(order_id: int, status: str = "P") -> dict[str, Any]:
 
 @pytest.fixture
 def emu() -> Iterator[Any]:
-    from cscart.emulator import StoreEmulator
+    from cscart_emulator import StoreEmulator
 
     with StoreEmulator(api_user=API_USER, api_key=API_KEY, user_id=1) as emulator:
         yield emulator
@@ -359,7 +359,7 @@ def test_order_pages_of_an_idle_store_cost_one_request(emu: Any) -> None:
 def test_order_pages_lose_no_order_when_others_leave_the_listing(emu: Any) -> None:
     """FM's shipments move orders from P to C while the listing is read: with offset paging
     every later order moves back by one and one per page boundary is never read."""
-    from cscart.emulator import Fault
+    from cscart_emulator import Fault
 
     ids = emu.add_history(60, start_timestamp=1_760_000_000, step_seconds=60, status="P")
     emu.set_fault("orders.list", Fault(latency=0.1))
@@ -521,7 +521,7 @@ def test_wrong_key_is_unauthorized(emu: Any) -> None:
 
 
 def test_unauthorized_fault_is_not_retried(emu: Any) -> None:
-    from cscart.emulator import Fault
+    from cscart_emulator import Fault
 
     emu.set_fault("orders.list", Fault(unauthorized=True))
     emu.clear_log()
@@ -573,7 +573,7 @@ def test_nothing_left_to_ship_is_refused_with_the_stores_message(emu: Any) -> No
 
 
 def test_html_page_is_a_bad_response(emu: Any) -> None:
-    from cscart.emulator import Fault
+    from cscart_emulator import Fault
 
     emu.set_fault("orders.get", Fault(html_body=True))
     with pytest.raises(BadResponse) as caught:
@@ -633,7 +633,7 @@ def test_malformed_order_is_a_bad_response_naming_the_field() -> None:
 
 
 def test_5xx_is_retried_within_bounds_then_unreachable(emu: Any) -> None:
-    from cscart.emulator import Fault
+    from cscart_emulator import Fault
 
     order_id = add_orders(emu, 1)[0]
     emu.set_fault("orders.get", Fault(error_rate=1.0, error_status=503))
@@ -654,7 +654,7 @@ def test_5xx_is_retried_within_bounds_then_unreachable(emu: Any) -> None:
 
 
 def test_429_is_retried_honouring_retry_after(emu: Any) -> None:
-    from cscart.emulator import Fault
+    from cscart_emulator import Fault
 
     order_id = add_orders(emu, 1)[0]
     emu.set_fault("orders.get", Fault(rate_limit_next=2, retry_after=1))
@@ -675,7 +675,7 @@ def test_429_is_retried_honouring_retry_after(emu: Any) -> None:
 
 
 def test_429_after_all_attempts_is_rate_limited(emu: Any) -> None:
-    from cscart.emulator import Fault
+    from cscart_emulator import Fault
 
     order_id = add_orders(emu, 1)[0]
     emu.set_fault("orders.get", Fault(rate_limit_next=10, retry_after=1))
@@ -739,7 +739,7 @@ def test_get_timeout_is_retried_then_unreachable() -> None:
 
 
 def test_timed_out_post_is_never_repeated(emu: Any) -> None:
-    from cscart.emulator import Fault
+    from cscart_emulator import Fault
 
     order_id = add_orders(emu, 1)[0]
     client = new_client(emu.url, read_timeout=0.3, max_attempts=3)
@@ -948,7 +948,7 @@ def test_user_and_statuses(emu: Any) -> None:
 def test_capabilities_are_detected_and_order_pages_adapt(
     version: tuple[int, int], modern: bool
 ) -> None:
-    from cscart.emulator import StoreEmulator
+    from cscart_emulator import StoreEmulator
 
     with StoreEmulator(api_user=API_USER, api_key=API_KEY, version=version) as store:
         client = new_client(store.url)
@@ -974,7 +974,7 @@ def test_capabilities_are_detected_and_order_pages_adapt(
 
 
 def test_combinations_on_an_old_store() -> None:
-    from cscart.emulator import StoreEmulator
+    from cscart_emulator import StoreEmulator
 
     with StoreEmulator(api_user=API_USER, api_key=API_KEY, version=(4, 9)) as store:
         shirt = store.add_product("SHIRT", tracking="O")
@@ -1061,7 +1061,7 @@ def test_concurrency_cap_is_shared_by_threads() -> None:
 
 
 def test_metrics_per_attempt_with_bounded_labels(emu: Any) -> None:
-    from cscart.emulator import Fault
+    from cscart_emulator import Fault
 
     order_id = add_orders(emu, 1)[0]
     client = new_client(emu.url, max_attempts=2)
@@ -1125,7 +1125,7 @@ def test_the_api_key_never_reaches_a_log(
     emu: Any, all_logs: io.StringIO, caplog: pytest.LogCaptureFixture,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from cscart.emulator import Fault
+    from cscart_emulator import Fault
 
     order_id = add_orders(emu, 12)[0]
     client = new_client(emu.url, read_timeout=0.3, max_attempts=2)

@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from cscart.emulator import StoreEmulator
-from cscart_fm import dead_letters as dl
-from cscart_fm.broker import Publisher
-from cscart_fm.dead_letters import DeadLetterResolver, Filter, collect, find
-from cscart_fm.errors import (
+from consumers.registry import JOBS
+from cscart_emulator import StoreEmulator
+from cscart_fm.cli.wiring import middleware, open_state
+from cscart_fm.core.broker import Publisher
+from cscart_fm.core.errors import (
     NotFound,
     StoreMismatch,
     StoreRefused,
@@ -30,8 +30,10 @@ from cscart_fm.errors import (
     StoreUnreachable,
     UnknownClient,
 )
-from cscart_fm.state import StateStore
-from schemas.messages import parse_event
+from cscart_fm.core.events import parse_event
+from cscart_fm.core.state import StateStore
+from cscart_fm.support import dead_letters as dl
+from cscart_fm.support.dead_letters import DeadLetterResolver, Filter, collect, find
 
 from .support.broker import declare, depth, publish_json, running, shipment_event, wait_for
 from .support.dlq_handlers import (
@@ -79,7 +81,7 @@ def dlq_json(env: dict[str, str], *args: str) -> Any:
 
 
 def rows(state_url: str, **where: Any) -> list[dl.DeadLetter]:
-    store = StateStore.open(state_url)
+    store = open_state(state_url)
     try:
         return find(store, Filter(**where))
     finally:
@@ -226,9 +228,9 @@ def test_replay_of_one_reaches_the_consumer_and_succeeds_once_the_cause_is_fixed
 ) -> None:
     declare(broker_url)
     env = support_env(broker_url, state_url)
-    store = StateStore.open(state_url)
+    store = open_state(state_url)
     with StoreEmulator() as emu, running(
-        StockChecker(emu), broker_url, on_success=DeadLetterResolver(store)
+        StockChecker(emu), broker_url, middleware=[DeadLetterResolver(store)]
     ) as runtime:
         handler: StockChecker = runtime.handler  # type: ignore[assignment]
         publish_json(broker_url, stock_event("snap-1", "NEW-1"), "stock.snapshot")
@@ -273,10 +275,10 @@ def test_replay_of_a_filter_replays_only_what_it_selects(
 ) -> None:
     declare(broker_url)
     env = support_env(broker_url, sqlite_url)
-    store = StateStore.open(sqlite_url)
+    store = open_state(sqlite_url)
     missing = NotFound("orders.get: HTTP 404 Not Found")
     handler = Planned({ref: missing for ref in ("A1", "A2", "A3", "B1", "B2")})
-    with running(handler, broker_url, on_success=DeadLetterResolver(store)):
+    with running(handler, broker_url, middleware=[DeadLetterResolver(store)]):
         for ref in ("A1", "A2", "A3"):
             publish_json(broker_url, shipment_event(ref), "shipment.lodged")
         for ref in ("B1", "B2"):
@@ -348,7 +350,7 @@ def test_replay_under_a_broker_restart_loses_nothing_and_doubles_nothing(
     declare(broker_url)
     count = 120
     refs = [f"R{i:03d}" for i in range(count)]
-    store = StateStore.open(sqlite_url)
+    store = open_state(sqlite_url)
     handler = Planned({ref: NotFound("orders.get: HTTP 404 Not Found") for ref in refs})
     vhost = broker_url.rsplit("/", 1)[1]
 
@@ -368,7 +370,7 @@ def test_replay_under_a_broker_restart_loses_nothing_and_doubles_nothing(
         )
 
     with running(
-        handler, broker_url, on_success=DeadLetterResolver(store), heartbeat=5
+        handler, broker_url, middleware=[DeadLetterResolver(store)], heartbeat=5
     ) as runtime:
         for ref in refs:
             publish_json(broker_url, shipment_event(ref), "shipment.lodged")
@@ -414,14 +416,15 @@ def test_a_dead_letter_whose_key_later_succeeds_is_resolved(
     broker_url: str, sqlite_url: str
 ) -> None:
     """FM resends the shipment (a new event, the same shipment_ref) after fixing it: the
-    success resolves the dead letter through the hook Services installs."""
+    success resolves the dead letter through the middleware ``cscart-fm run`` installs."""
     declare(broker_url)
     env = support_env(broker_url, sqlite_url)
     services = make_services(broker_url, sqlite_url, [client_doc("http://127.0.0.1:9")])
-    assert any(isinstance(hook, DeadLetterResolver) for hook in services.success_hooks)
+    around = middleware(JOBS.named("shipment-lodged"), services)
+    assert any(isinstance(hook, DeadLetterResolver) for hook in around)
     handler = Planned({"K1": [NotFound("orders.get: HTTP 404 Not Found")]})
     try:
-        with running(handler, broker_url, on_success=services.message_succeeded):
+        with running(handler, broker_url, middleware=around):
             publish_json(broker_url, shipment_event("K1"), "shipment.lodged")
             publish_json(broker_url, shipment_event("K2"), "shipment.lodged")
             wait_for(lambda: depth(broker_url, DLQ) == 1)
@@ -450,7 +453,7 @@ def test_collection_survives_a_crash_between_commit_and_ack(
         for ref in ("C1", "C2", "C3"):
             publish_json(broker_url, shipment_event(ref), "shipment.lodged")
         wait_for(lambda: depth(broker_url, DLQ) == 3)
-    store = StateStore.open(state_url)
+    store = open_state(state_url)
 
     def crash() -> None:
         raise RuntimeError("killed before the ack")
@@ -505,7 +508,7 @@ def _runtime_headers(**extra: Any) -> dict[str, Any]:
 
 
 def test_storage_deduplicates_filters_and_resolves(state_url: str) -> None:
-    store = StateStore.open(state_url)
+    store = open_state(state_url)
     body = json.dumps(shipment_event("Z1")).encode()
     props = {"message_id": "evt-Z1", "content_type": "application/json"}
     first = dl.record_of("shipment-lodged", body, _runtime_headers(), props)
@@ -565,11 +568,12 @@ def test_keys_and_masking() -> None:
     tick = {"type": "order-poll.tick", "version": 1, "event_id": "t1", "client_id": "ACME"}
     assert dl.key_of_document(tick) == "order-poll:ACME"
     assert dl.key_of_document(stock_event("s1", "X")) == "stock:ACME:s1"
-    assert dl.key_of_document(order_imported_body()) == "order:ACME:1000012"
+    assert dl.key_of_document(order_imported_body()) is None  # FM's message: no job reads it
     assert dl.key_of_document({"type": "shipment.lodged", "client_id": "ACME"}) is None
     assert dl.key_of_document(["not", "an", "object"]) is None
     event = parse_event(json.dumps(shipment_event(" S9 ")))
-    assert dl.key_of_event(event) == dl.key_of_document(shipment_event("S9")) == "shipment:ACME:S9"
+    key_of_event = JOBS.dead_letter_key_of_event("shipment-lodged", event)
+    assert key_of_event == dl.key_of_document(shipment_event("S9")) == "shipment:ACME:S9"
 
     masked = dl.mask_payload(order_imported_body())
     assert masked["customer"] == {"name": "J*** C***", "email": "j***@example.com", "phone": "***23"}
@@ -590,8 +594,7 @@ def test_end_to_end_replay_with_the_real_shipment_consumer(
     orders are created; ``dlq replay --all`` sends them back while the broker drops every
     connection mid-way; exactly one shipment per order results, and the dead letters end
     resolved through the hook Services installs."""
-    pytest.importorskip("consumers.shipment_lodged")
-    from cscart_fm import metrics
+    from cscart_fm.core import metrics
 
     from .support.pipeline import API_KEY, API_USER, consumer
 
@@ -689,7 +692,7 @@ def test_a_replay_waits_for_the_broker_and_never_marks_what_was_not_confirmed(
     sqlite_url: str,
 ) -> None:
     waited: list[float] = []
-    store = StateStore.open(sqlite_url)
+    store = open_state(sqlite_url)
     first, second = _stored(store, "F1", "F2")
 
     # The broker comes back within the patience: replayed once, marked once.

@@ -11,9 +11,9 @@ Everything here runs offline and in a few seconds:
   jsonschema against the CRD schemas kept in deploy/crds/ (see the header of each file for
   its upstream commit: PrometheusRule verbatim, ScaledObject and TriggerAuthentication
   without descriptions, PodMonitor REDUCED to the properties a plain HTTP scrape uses).
-- RabbitMQ: deploy/rabbitmq/definitions.json against cscart_fm.topology, both ways, and (with
+- RabbitMQ: deploy/rabbitmq/definitions.json against cscart_fm.core.topology, both ways, and (with
   a broker) imported into a fresh vhost, after which the service's own declaration must pass.
-- Metrics: every metric an alert or the dashboard uses is exported by cscart_fm.metrics
+- Metrics: every metric an alert or the dashboard uses is exported by cscart_fm.core.metrics
   (rabbitmq_* are RabbitMQ's, listed in RABBITMQ_METRICS); with promtool, the alert rules are
   checked and unit-tested (deploy/kubernetes/components/monitoring/tests/alerts.test.yaml).
 - The Dockerfile's essentials (no Docker engine runs here) and docs/operations.md's runbook.
@@ -42,9 +42,10 @@ import pytest
 import yaml
 from kubernetes_validate.utils import schema_contents
 
-from cscart_fm import metrics as service_metrics
-from cscart_fm import topology
-from cscart_fm.errors import ERROR_TYPES
+from consumers.registry import JOBS
+from cscart_fm.core import metrics as service_metrics
+from cscart_fm.core import topology
+from cscart_fm.core.errors import ERROR_TYPES
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -70,8 +71,9 @@ RABBITMQ_METRICS = {
 TARGET_LABELS = {"namespace", "pod", "container", "job", "instance", "endpoint", "service"}
 """Labels Prometheus (the operator's PodMonitor) adds to every scraped series."""
 
-CONSUMER_NAMES = topology.CONSUMER_NAMES
-WORK_QUEUES = {topology.consumer_topology(name).queue_name for name in CONSUMER_NAMES}
+CONSUMER_NAMES = JOBS.names
+TOPOLOGY = JOBS.topology()
+WORK_QUEUES = {TOPOLOGY.consumer(name).queue_name for name in CONSUMER_NAMES}
 
 
 def load_docs(path: Path) -> list[dict[str, Any]]:
@@ -621,7 +623,7 @@ def test_probes_use_the_health_endpoints_on_the_metrics_port() -> None:
 
 def test_the_service_serves_the_probed_paths() -> None:
     """/healthz never depends on the broker or a store; /readyz on the consumers only."""
-    source = (ROOT / "cscart_fm" / "observability.py").read_text(encoding="utf-8")
+    source = (ROOT / "cscart_fm" / "core" / "observability.py").read_text(encoding="utf-8")
     for path in ("/metrics", "/healthz", "/readyz"):
         assert f'"{path}"' in source
 
@@ -685,7 +687,7 @@ def test_termination_grace_outlasts_the_shutdown_grace() -> None:
 
 
 def test_environment_variables_are_ones_the_service_reads() -> None:
-    config = (ROOT / "cscart_fm" / "config.py").read_text(encoding="utf-8")
+    config = (ROOT / "cscart_fm" / "core" / "config.py").read_text(encoding="utf-8")
     known = set(re.findall(r'"(CSCART_FM_[A-Z_]+)"', config))
     for consumer in CONSUMER_NAMES:
         stem = "CSCART_FM_" + consumer.upper().replace("-", "_")
@@ -770,7 +772,7 @@ def test_scaled_objects_scale_the_work_queues() -> None:
         assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"], name
         (trigger,) = spec["triggers"]
         assert trigger["type"] == "rabbitmq"
-        assert trigger["metadata"]["queueName"] == topology.consumer_topology(consumer).queue_name
+        assert trigger["metadata"]["queueName"] == TOPOLOGY.consumer(consumer).queue_name
         assert trigger["metadata"]["queueName"] in WORK_QUEUES
         assert trigger["metadata"]["mode"] == "QueueLength"
         assert int(trigger["metadata"]["value"]) >= 1
@@ -834,7 +836,7 @@ def test_image_is_pinned_to_the_project_version() -> None:
 def test_the_example_clients_file_is_valid(tmp_path: Path) -> None:
     """The overlay's clients.yaml passes the service's own loader; every key file it names
     lives in the mounted Secret and has a key in the Secret template."""
-    from schemas.settings import parse_clients
+    from cscart_fm.core.clients import parse_clients
 
     document = yaml.safe_load((K8S / "overlays" / "example" / "clients.yaml").read_text())
     secrets = _secret_templates()["cscart-fm-api-keys"]["stringData"]
@@ -887,7 +889,7 @@ def test_definitions_file_is_up_to_date() -> None:
     generator = _generator()
     expected = generator.render(generator.build_definitions())
     assert DEFINITIONS.read_text(encoding="utf-8") == expected, (
-        f"deploy/rabbitmq/definitions.json differs from cscart_fm.topology: {REGENERATE}"
+        f"deploy/rabbitmq/definitions.json differs from cscart_fm.core.topology: {REGENERATE}"
     )
 
 
@@ -895,8 +897,8 @@ def test_definitions_match_the_topology_both_ways() -> None:
     """Read independently of the generator: what the module declares, the file holds, and
     nothing else; queue arguments exactly (a difference is a 406 at the service's start)."""
     definitions = _definitions()
-    rows = topology.describe()
-    queues = {queue.name: queue for queue in topology.all_queues()}
+    rows = TOPOLOGY.describe()
+    queues = {queue.name: queue for queue in TOPOLOGY.queues()}
 
     want_exchanges = {r["name"]: r["type"] for r in rows if r["kind"] == "exchange"}
     have_exchanges = {e["name"]: e for e in definitions["exchanges"]}
@@ -919,9 +921,10 @@ def test_definitions_match_the_topology_both_ways() -> None:
         assert queue["auto_delete"] is bool(queues[name].auto_delete), name
 
     want_bindings = {
-        (r["exchange"], r["name"], r["routing_key"])
+        (r["exchange"], r["name"], key)
         for r in rows
         if r["kind"] == "queue" and r["exchange"]
+        for key in r["routing_keys"]
     }
     have_bindings = set()
     for binding in definitions["bindings"]:
@@ -1018,7 +1021,7 @@ def test_imported_definitions_accept_the_services_declaration(
     vhost = broker_url.rsplit("/", 1)[1]
     _import_into_vhost(_definitions(), vhost)
     with Connection(broker_url, connect_timeout=10) as connection:
-        declared = topology.declare(connection)
+        declared = TOPOLOGY.declare(connection)
     assert set(declared) == {q["name"] for q in _definitions()["queues"]}
 
 
@@ -1040,7 +1043,7 @@ def test_a_wrong_argument_in_the_definitions_fails_the_declaration(
         Connection(broker_url, connect_timeout=10) as connection,
         pytest.raises(PreconditionFailed),
     ):
-        topology.declare(connection)
+        TOPOLOGY.declare(connection)
 
 
 # =============================================================================================
@@ -1072,7 +1075,7 @@ _LABEL_REPLACE_TARGET = re.compile(r'label_replace\s*\(.*?,\s*"(\w+)"', re.S)
 
 @cache
 def exported_metrics() -> dict[str, frozenset[str]]:
-    """Every sample name cscart_fm.metrics exposes, with its labels."""
+    """Every sample name cscart_fm.core.metrics exposes, with its labels."""
     from prometheus_client.metrics import MetricWrapperBase
 
     suffixes = {
@@ -1123,7 +1126,7 @@ def check_expression(expr: str, where: str) -> set[str]:
             assert name in RABBITMQ_METRICS, f"{where}: {name} is not a listed RabbitMQ metric"
         else:
             assert name.startswith("cscart_fm_"), f"{where}: unknown metric or word {name!r}"
-            assert name in exported_metrics(), f"{where}: cscart_fm.metrics exports no {name}"
+            assert name in exported_metrics(), f"{where}: cscart_fm.core.metrics exports no {name}"
     for match in _SELECTOR.finditer(expr):
         name, matchers = match.groups()
         if name not in names:
@@ -1440,8 +1443,8 @@ def _error_types() -> set[str]:
     """Every error type a dead letter can carry: the typed errors (ERROR_TYPES and any other
     BridgeError subclass the service defines, e.g. the state store's lock) and the broker's
     delivery limit (``delivery_limit`` in x-death, shown as ``delivery-limit``)."""
-    import cscart_fm.state  # noqa: F401 - defines LockBusy ("busy")
-    from cscart_fm.errors import BridgeError, StoreError
+    import cscart_fm.core.state  # noqa: F401 - defines LockBusy ("busy")
+    from cscart_fm.core.errors import BridgeError, StoreError
 
     found = {error.error_type for error in ERROR_TYPES}
     pending = [BridgeError]

@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import requests
 
-from cscart.emulator import Fault, RecordedRequest, StoreEmulator, seed_demo_store
+from cscart_emulator import Fault, RecordedRequest, StoreEmulator, seed_demo_store
 
 USER = "admin@example.com"
 KEY = "test-api-key"

@@ -9,15 +9,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cscart_fm.broker import message_properties
-from cscart_fm.errors import InvalidMessage
+from cscart_fm.core.broker import message_properties
+from cscart_fm.core.errors import InvalidMessage
+from cscart_fm.core.events import parse_event
 from schemas.messages import (
     OrderImported,
     OrderPollTick,
     ShipmentLodged,
     StockSnapshot,
     order_event_id,
-    parse_event,
 )
 
 TICK = {

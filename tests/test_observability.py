@@ -8,7 +8,7 @@ import logging
 
 import structlog
 
-from cscart_fm.observability import configure_logging, register_secret
+from cscart_fm.core.observability import configure_logging, register_secret
 
 SECRET = "sk-live-4f9d1c2b7a"
 

@@ -26,12 +26,12 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client import REGISTRY
 
-from consumers import order_poll
-from consumers.order_poll import explain, imported_orders, order_decisions, poll_watermarks
-from cscart.emulator import Fault, StoreEmulator
-from cscart_fm import metrics
-from cscart_fm.app import Services
-from cscart_fm.runtime import ConsumerRuntime
+from consumers.order_poll import handler as order_poll
+from consumers.order_poll.handler import explain, imported_orders, order_decisions, poll_watermarks
+from cscart_emulator import Fault, StoreEmulator
+from cscart_fm.cli.wiring import Services
+from cscart_fm.core import metrics
+from cscart_fm.core.runtime import ConsumerRuntime
 from schemas.messages import order_event_id
 
 from .support.broker import declare, depth, drain, publish_json, wait_for
@@ -321,8 +321,8 @@ def test_start_date_excludes_earlier_orders_even_if_the_store_returned_them(
 def test_every_filter_is_checked_here_too_whatever_the_store_returned() -> None:
     """A store that ignores a filter (an old version, a plug-in) never gets an order
     imported that the client's filters exclude."""
+    from cscart_fm.core.clients import parse_clients
     from schemas.cscart import CartOrder
-    from schemas.settings import parse_clients
 
     settings = parse_clients(
         {"clients": [client_doc("http://store.invalid", orders={
@@ -754,7 +754,7 @@ def _state_for(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> 
         return f"sqlite:///{tmp_path / 'state.sqlite'}"
     url = request.getfixturevalue("postgres_database")
     engine = sa.create_engine(url)
-    from cscart_fm.state import metadata
+    from cscart_fm.core.state import metadata
 
     metadata.drop_all(engine)  # a clean state store for this test
     engine.dispose()

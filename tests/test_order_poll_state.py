@@ -13,8 +13,15 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from consumers.order_poll import CLAIMED, PUBLISHED, claimed_after, imported_orders, recorded
-from cscart_fm.state import StateStore
+from consumers.order_poll.handler import (
+    CLAIMED,
+    PUBLISHED,
+    claimed_after,
+    imported_orders,
+    recorded,
+)
+from cscart_fm.cli.wiring import open_state
+from cscart_fm.core.state import StateStore
 
 
 def _plan(store: StateStore, query: sa.Select[object]) -> str:
@@ -24,7 +31,7 @@ def _plan(store: StateStore, query: sa.Select[object]) -> str:
 
 
 def test_a_ticks_lookups_use_an_index_with_a_long_history(tmp_path: Path) -> None:
-    store = StateStore.open(f"sqlite:///{tmp_path / 'state.sqlite'}")
+    store = open_state(f"sqlite:///{tmp_path / 'state.sqlite'}")
     now = datetime.now(UTC)
     rows = [
         {"client_id": "ACME", "cart_order_id": n, "order_no": f"CS{n}", "event_id": f"e{n}",

@@ -15,11 +15,12 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from cscart_fm.broker import Publisher
-from cscart_fm.dead_letters import raw_body
-from cscart_fm.state import StateStore
+from cscart_fm.cli.wiring import open_state
+from cscart_fm.core.broker import Publisher
+from cscart_fm.core.events import parse_event
+from cscart_fm.support.dead_letters import raw_body
 from producers.tick import Schedule, TickTarget, load_targets, run_loop, tick_schedule
-from schemas.messages import OrderPollTick, parse_event
+from schemas.messages import OrderPollTick
 
 from .support.broker import declare, depth, drain, shipment_event, wait_for
 from .support.dlq_handlers import cli, logging_restored, order_imported_body
@@ -125,7 +126,7 @@ def test_tick_due_for_a_cronjob_ticks_only_the_clients_whose_interval_elapsed(
     assert drain(broker_url, TICKS) == []
 
     # 55 s later ACME is due (a CronJob starting a few seconds early still ticks it).
-    store = StateStore.open(env["CSCART_FM_STATE_URL"])
+    store = open_state(env["CSCART_FM_STATE_URL"])
     with store.transaction() as conn:
         for client_id, last in conn.execute(
             sa.select(tick_schedule.c.client_id, tick_schedule.c.last_tick_at)
@@ -145,7 +146,7 @@ def test_tick_loop_honours_each_clients_interval_and_a_restart_does_not_tick_aga
     broker_url: str, tmp_path: Path
 ) -> None:
     declare(broker_url)
-    store = StateStore.open(f"sqlite:///{tmp_path / 'state.sqlite'}")
+    store = open_state(f"sqlite:///{tmp_path / 'state.sqlite'}")
     publisher = Publisher(broker_url)
     start = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
     now = [start]

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from cscart_fm import metrics
-from cscart_fm.errors import NotFound, StoreUnreachable, UnknownClient
-from cscart_fm.runtime import Delivery
+from cscart_fm.core import metrics
+from cscart_fm.core.errors import NotFound, StoreUnreachable, UnknownClient
+from cscart_fm.core.runtime import Delivery
 from schemas.messages import ShipmentLodged
 
 from .support.broker import (
@@ -422,7 +422,7 @@ def test_a_delivery_read_while_a_retry_awaits_its_confirm_is_handled_at_once(
 ) -> None:
     """Waiting for a publish confirm reads the connection, so kombu may deliver the next
     message then. It is handled at once, not when something else next arrives."""
-    from cscart_fm.runtime import ConsumerRuntime
+    from cscart_fm.core.runtime import ConsumerRuntime
 
     declare(broker_url, delays=(30,))
     handler = Recorder({"F": [StoreUnreachable("down")]})
@@ -446,8 +446,8 @@ def test_a_delivery_read_while_a_retry_awaits_its_confirm_is_handled_at_once(
 
 def test_a_plain_amqp_connection_is_waited_on_through_its_socket(broker_url: str) -> None:
     """The tests above run the runtime in its socket mode (TLS and memory:// use timed waits)."""
-    from cscart_fm.broker import connect
-    from cscart_fm.runtime import _broker_socket, _Waker
+    from cscart_fm.core.broker import connect
+    from cscart_fm.core.runtime import _broker_socket, _Waker
 
     waker = _Waker()
     try:

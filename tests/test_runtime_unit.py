@@ -12,9 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kombu import Connection
 
-from cscart_fm import metrics, topology
-from cscart_fm.errors import NotFound, StoreUnreachable
-from cscart_fm.runtime import (
+from consumers.registry import JOBS
+from cscart_fm.core import metrics
+from cscart_fm.core.errors import NotFound, StoreUnreachable
+from cscart_fm.core.runtime import (
     ATTEMPT_HEADER,
     ConsumerRuntime,
     Delivery,
@@ -24,6 +25,8 @@ from cscart_fm.runtime import (
     _Waker,
 )
 from schemas.messages import ShipmentLodged
+
+SHIPMENTS = JOBS.named("shipment-lodged")
 
 
 class Noop:
@@ -88,7 +91,8 @@ def idle_runtime(**options: Any) -> Iterator[ConsumerRuntime[Any]]:
     runtime: ConsumerRuntime[Any] = ConsumerRuntime(
         Noop(),
         broker_url="memory://unused",
-        topology=topology.consumer_topology("shipment-lodged", (1,)),
+        topology=SHIPMENTS.topology((1,)),
+        accepts=SHIPMENTS.events,
         options=RuntimeOptions(**options),
     )
     try:

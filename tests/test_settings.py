@@ -9,8 +9,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from cscart_fm.errors import SettingsError, UnknownClient
-from schemas.settings import load_clients
+from cscart_fm.core.clients import load_clients
+from cscart_fm.core.errors import SettingsError, UnknownClient
 
 GOOD = """
 clients:

@@ -14,18 +14,18 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from consumers.shipment_lodged import (
+from consumers.shipment_lodged.handler import (
     allocate,
     carrier_code,
     carries_marker,
     pushed_shipments,
 )
-from cscart.emulator import Fault, StoreEmulator
-from cscart_fm import metrics
-from cscart_fm.app import Services
-from cscart_fm.errors import StoreMismatch
+from cscart_emulator import Fault, StoreEmulator
+from cscart_fm.cli.wiring import Services
+from cscart_fm.core import metrics
+from cscart_fm.core.errors import StoreMismatch
+from cscart_fm.core.events import parse_event
 from schemas.cscart import CartOrder
-from schemas.messages import parse_event
 
 from .support.broker import declare, depth, drain, publish_json, shipment_event, wait_for
 from .support.pipeline import (

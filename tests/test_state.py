@@ -8,7 +8,9 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from cscart_fm.state import MIGRATIONS, StateStore, metadata, schema_version
+from consumers.registry import JOBS
+from cscart_fm.cli.wiring import components
+from cscart_fm.core.state import Component, StateStore, component_versions, metadata
 
 probe = sa.Table(
     "test_probe",
@@ -17,23 +19,37 @@ probe = sa.Table(
     sa.Column("key", sa.String(64), primary_key=True),
     sa.Column("value", sa.Integer, nullable=False),
 )
+PROBE = Component("probe", (probe,))
+
+
+def open_store(url: str) -> StateStore:
+    """The service's whole state store, and the probe table of these tests."""
+    return StateStore.open(url, [*components(), PROBE])
+
+
+def versions(store: StateStore) -> dict[str, int]:
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.select(component_versions.c.component, component_versions.c.version))
+        return {str(name): int(version) for name, version in rows}
 
 pytestmark = pytest.mark.postgres
 
 
 def test_schema_is_created_at_start_and_reopening_is_harmless(state_url: str) -> None:
-    first = StateStore.open(state_url)
-    second = StateStore.open(state_url)  # a second replica starting on the same database
+    first = open_store(state_url)
+    second = open_store(state_url)  # a second replica starting on the same database
     with second.engine.connect() as conn:
-        versions = conn.execute(sa.select(schema_version.c.version)).scalars().all()
         assert "test_probe" in sa.inspect(conn).get_table_names()
-    assert versions == [len(MIGRATIONS)]  # a new database starts at the latest schema
+    # A new database starts each component at its latest schema.
+    latest = {c.name: len(c.migrations) for c in [*components(), PROBE]}
+    assert versions(second) == latest
+    assert latest["order-poll"] == len(JOBS.named("order-poll").migrations) == 1
     first.close()
     second.close()
 
 
 def test_insert_ignore_inserts_once(state_url: str) -> None:
-    store = StateStore.open(state_url)
+    store = open_store(state_url)
     with store.transaction() as conn:
         assert store.insert_ignore(conn, probe, {"client_id": "A", "key": "k", "value": 1})
         assert not store.insert_ignore(conn, probe, {"client_id": "A", "key": "k", "value": 2})
@@ -43,7 +59,7 @@ def test_insert_ignore_inserts_once(state_url: str) -> None:
 
 
 def test_insert_ignore_many_inserts_the_missing_rows_and_names_them(state_url: str) -> None:
-    store = StateStore.open(state_url)
+    store = open_store(state_url)
     with store.transaction() as conn:
         store.insert_ignore(conn, probe, {"client_id": "A", "key": "k2", "value": 1})
         rows = [{"client_id": "A", "key": f"k{i}", "value": 10 + i} for i in range(5)]
@@ -57,29 +73,33 @@ def test_insert_ignore_many_inserts_the_missing_rows_and_names_them(state_url: s
 
 
 def test_an_older_database_is_migrated_when_the_service_starts(state_url: str) -> None:
-    """A database of the first release (schema 0): the claimed-orders index it had is
-    replaced by the one that finds claimed orders without walking the history."""
-    store = StateStore.open(state_url)
+    """A database of the first release (its one ``schema_version`` table at 0, no version per
+    component): the claimed-orders index it had is replaced by the one that finds claimed
+    orders without walking the history, and every component is then at its latest."""
+    store = open_store(state_url)
     with store.transaction() as conn:
         conn.execute(sa.text("DROP INDEX ix_imported_orders_claimed"))
         conn.execute(sa.text(
             "CREATE INDEX ix_imported_orders_client_state ON imported_orders (client_id, state)"))
-        conn.execute(sa.delete(schema_version))
-        conn.execute(schema_version.insert().values(version=0, applied_at=sa.func.now()))
+        conn.execute(component_versions.delete())
+        conn.execute(sa.text(
+            "CREATE TABLE schema_version (id INTEGER PRIMARY KEY, version INTEGER NOT NULL, "
+            "applied_at TIMESTAMP NOT NULL)"))
+        conn.execute(sa.text(
+            "INSERT INTO schema_version (id, version, applied_at) VALUES (1, 0, CURRENT_TIMESTAMP)"))
     store.close()
 
-    reopened = StateStore.open(state_url)
+    reopened = open_store(state_url)
     with reopened.engine.connect() as conn:
         indexes = {ix["name"] for ix in sa.inspect(conn).get_indexes("imported_orders")}
-        versions = sorted(conn.execute(sa.select(schema_version.c.version)).scalars())
     assert "ix_imported_orders_claimed" in indexes
     assert "ix_imported_orders_client_state" not in indexes
-    assert versions == [0, 1]
+    assert versions(reopened)["order-poll"] == 1
     reopened.close()
 
 
 def test_upsert_with_a_guard_refuses_older_values(state_url: str) -> None:
-    store = StateStore.open(state_url)
+    store = open_store(state_url)
     key = ["client_id", "key"]
 
     def put(value: int) -> bool:
@@ -101,7 +121,7 @@ def test_upsert_with_a_guard_refuses_older_values(state_url: str) -> None:
 
 
 def test_concurrent_writers_each_insert_once(state_url: str) -> None:
-    store = StateStore.open(state_url)
+    store = open_store(state_url)
     wins: list[bool] = []
     lock = threading.Lock()
 
@@ -126,7 +146,7 @@ def test_client_lock_is_exclusive_and_dies_with_a_killed_holder(state_url: str, 
     import sys
     from pathlib import Path
 
-    store = StateStore.open(state_url)
+    store = open_store(state_url)
     with store.client_lock("order-poll", "ACME") as held:
         assert held
         with store.client_lock("order-poll", "ACME") as again:
@@ -142,7 +162,7 @@ def test_client_lock_is_exclusive_and_dies_with_a_killed_holder(state_url: str, 
             sys.executable,
             "-c",
             "import sys, time, pathlib\n"
-            "from cscart_fm.state import StateStore\n"
+            "from cscart_fm.core.state import StateStore\n"
             "store = StateStore.open(sys.argv[1])\n"
             "with store.client_lock('order-poll', 'ACME') as held:\n"
             "    assert held\n"
@@ -175,7 +195,7 @@ def test_replicas_starting_together_all_start(state_url: str) -> None:
 
     def start() -> None:
         try:
-            stores.append(StateStore.open(state_url))
+            stores.append(open_store(state_url))
         except BaseException as exc:
             errors.append(exc)
 
@@ -185,7 +205,6 @@ def test_replicas_starting_together_all_start(state_url: str) -> None:
     for thread in threads:
         thread.join()
     assert errors == []
-    with stores[0].engine.connect() as conn:
-        assert conn.execute(sa.select(sa.func.count()).select_from(schema_version)).scalar_one() == 1
+    assert versions(stores[0]) == {c.name: len(c.migrations) for c in [*components(), PROBE]}
     for store in stores:
         store.close()

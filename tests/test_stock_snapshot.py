@@ -22,19 +22,20 @@ import pytest
 import sqlalchemy as sa
 from structlog.testing import capture_logs
 
-from consumers.stock_snapshot import (
+from consumers.stock_snapshot.handler import (
     MIN_LISTING_PAGE,
-    build,
+    StockSnapshotHandler,
     stock_product_map,
     stock_reports,
     target_quantities,
 )
-from cscart.emulator import Fault, StoreEmulator
-from cscart_fm import metrics
-from cscart_fm.app import Services
-from cscart_fm.runtime import Delivery
-from cscart_fm.state import StateStore
-from schemas.messages import StockItem, parse_event
+from cscart_emulator import Fault, StoreEmulator
+from cscart_fm.cli.wiring import Services, open_state
+from cscart_fm.core import metrics
+from cscart_fm.core.events import parse_event
+from cscart_fm.core.runtime import Delivery
+from cscart_fm.core.state import StateStore
+from schemas.messages import StockItem
 from schemas.settings import StockSettings
 
 from .support.broker import declare, depth, publish_json, wait_for
@@ -517,7 +518,7 @@ def test_memory_does_not_grow_with_the_catalogue(tmp_path: Path) -> None:
         with store_in_child(catalogue) as url:
             state_url = f"sqlite:///{tmp_path / f'memory-{catalogue}.sqlite'}"
             services = make_services("memory://", state_url, [client_doc(url)])
-            handler = build(services)
+            handler = StockSnapshotHandler(services)
             event = parse_event(
                 snapshot([item(sku_of(n), 10) for n in range(10_000)], event_id="mem")
             )
@@ -597,7 +598,7 @@ def test_kill_9_mid_snapshot_ends_with_the_right_quantities(
         items = [item(sku, 3) for sku in same] + [item(sku, 7) for sku in changed]
         first = start_cli(["run", "stock-snapshot"], env, log_file)
         second: subprocess.Popen[bytes] | None = None
-        state = StateStore.open(state_url)
+        state = open_state(state_url)
         try:
             event_id = send(broker_url, snapshot(items))
             wait_for(lambda: emu.count("products.update") >= 5, timeout=60)

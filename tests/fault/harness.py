@@ -353,15 +353,15 @@ def take_dead_letters(url: str, consumer: str, state_url: str,
                       artefacts: Artefacts) -> list[DeadLetter]:
     """Every dead letter of a consumer, wherever it is: the service moves them from
     ``cscart.<consumer>.dlq`` into its state store (``DeadLetterCollector``); what is still in
-    the queue is collected here the same way (``cscart_fm.dead_letters.collect``). Written to
+    the queue is collected here the same way (``cscart_fm.support.dead_letters.collect``). Written to
     the artefacts as support would see them: body, headers, properties."""
     import sqlalchemy as sa
     from structlog.testing import capture_logs
 
-    from cscart_fm.dead_letters import collect, dead_letters
-    from cscart_fm.state import StateStore
+    from cscart_fm.cli.wiring import open_state
+    from cscart_fm.support.dead_letters import collect, dead_letters
 
-    store = StateStore.open(state_url)
+    store = open_state(state_url)
     try:
         with capture_logs():  # the collector's log lines are not this test's output
             collect(store, url, [consumer])

@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 from kombu import Connection
 
-from cscart.emulator import Fault, StoreEmulator
-from cscart_fm import topology
-from cscart_fm.broker import Publisher
+from consumers.registry import JOBS
+from cscart_emulator import Fault, StoreEmulator
+from cscart_fm.core import topology
+from cscart_fm.core.broker import Publisher
 from tests.support.broker import shipment_event
 from tests.support.pipeline import API_KEY, API_USER, cli_env, client_doc, write_clients_file
 
@@ -133,7 +134,7 @@ def test_shipments_survive_sigkill_every_2s_and_a_broker_restart(
 
     with emu:
         with Connection(private_url) as conn:
-            topology.declare(conn, (1,))
+            JOBS.topology((1,)).declare(conn)
         clients = write_clients_file(
             tmp_path / "clients.yaml", [client_doc(emu.url, limits={"read_timeout": 5})]
         )

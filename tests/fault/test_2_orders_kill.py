@@ -27,9 +27,10 @@ import pytest
 from kombu import Connection, Consumer
 from kombu.message import Message
 
-from cscart.emulator import Fault, StoreEmulator
-from cscart_fm import topology
-from cscart_fm.broker import Publisher
+from consumers.registry import JOBS
+from cscart_emulator import Fault, StoreEmulator
+from cscart_fm.core import topology
+from cscart_fm.core.broker import Publisher
 from schemas.messages import OrderPollTick, order_event_id
 from tests.support.pipeline import API_KEY, API_USER, cli_env, client_doc, write_clients_file
 
@@ -136,7 +137,7 @@ def test_orders_survive_repeated_sigkill_each_at_fm_once_or_as_an_identical_copy
 
     with emu:
         with Connection(broker_url) as conn:
-            topology.declare(conn, (1,))
+            JOBS.topology((1,)).declare(conn)
         clients = write_clients_file(
             tmp_path / "clients.yaml",
             # One request at a time: with four side by side the import outruns the kills.

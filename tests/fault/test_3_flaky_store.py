@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 from kombu import Connection
 
-from cscart.emulator import Fault, StoreEmulator
-from cscart_fm import topology
-from cscart_fm.broker import Publisher
+from consumers.registry import JOBS
+from cscart_emulator import Fault, StoreEmulator
+from cscart_fm.core import topology
+from cscart_fm.core.broker import Publisher
 from tests.support.broker import shipment_event
 from tests.support.pipeline import API_KEY, API_USER, cli_env, client_doc, write_clients_file
 
@@ -117,7 +118,7 @@ def test_a_flaky_store_ends_with_every_event_applied_or_dead_lettered_and_nothin
         for name, fault in faults.items():
             emu.set_fault(name, fault)
         with Connection(broker_url) as conn:
-            topology.declare(conn, (1, 2))
+            JOBS.topology((1, 2)).declare(conn)
         clients = write_clients_file(tmp_path / "clients.yaml", [client_doc(
             emu.url,
             stock={"update_stock": True, "quantity": "on_hand"},
@@ -152,7 +153,7 @@ def test_a_flaky_store_ends_with_every_event_applied_or_dead_lettered_and_nothin
 
             def settled() -> bool:
                 for key, service in services.items():
-                    topo = topology.consumer_topology(service.consumer, (1, 2))
+                    topo = JOBS.named(service.consumer).topology((1, 2))
                     text = service.metrics()
                     final = sum(metric_value(text, "cscart_fm_messages_total",
                                              consumer=service.consumer, outcome=o)

@@ -22,9 +22,10 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from kombu import Connection
 
-from cscart.emulator import StoreEmulator
-from cscart_fm import topology
-from cscart_fm.broker import Publisher
+from consumers.registry import JOBS
+from cscart_emulator import StoreEmulator
+from cscart_fm.core import topology
+from cscart_fm.core.broker import Publisher
 from tests.support.pipeline import API_KEY, API_USER, cli_env, client_doc, write_clients_file
 
 from .harness import (
@@ -72,7 +73,7 @@ def test_hostile_messages_are_dead_lettered_with_a_reason_and_the_consumers_stay
 
     with emu:
         with Connection(broker_url) as conn:
-            topology.declare(conn, (1,))
+            JOBS.topology((1,)).declare(conn)
         clients = write_clients_file(tmp_path / "clients.yaml", [client_doc(emu.url)])
         state_url = f"sqlite:///{tmp_path / 'state.sqlite'}"
         env = cli_env(broker_url, state_url, clients, CSCART_FM_LOG_LEVEL="INFO",
@@ -102,7 +103,7 @@ def test_hostile_messages_are_dead_lettered_with_a_reason_and_the_consumers_stay
 
             def settled() -> bool:
                 for rk, service in services.items():
-                    topo = topology.consumer_topology(CONSUMERS[rk], (1,))
+                    topo = JOBS.named(CONSUMERS[rk]).topology((1,))
                     text = service.metrics()
                     handled = sum(metric_value(text, "cscart_fm_messages_total",
                                                consumer=topo.name, outcome=o)

@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from kombu import Connection, Queue
 
-from cscart_fm import topology
-from cscart_fm.broker import Publisher
-from cscart_fm.runtime import ConsumerRuntime, Handler, RuntimeOptions
+from consumers.registry import JOBS
+from cscart_fm.core import topology
+from cscart_fm.core.broker import Publisher
+from cscart_fm.core.jobs import Job
+from cscart_fm.core.runtime import ConsumerRuntime, Handler, Middleware, RuntimeOptions
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05) -> Any:
@@ -85,21 +87,29 @@ def depth(url: str, queue_name: str) -> int:
 
 def declare(url: str, delays: tuple[int, ...] = (1,)) -> None:
     with Connection(url) as conn:
-        topology.declare(conn, delays)
+        JOBS.topology(delays).declare(conn)
 
 
 @contextmanager
 def running(
-    handler: Handler[Any], url: str, *, delays: tuple[int, ...] = (1,), **options: Any
+    handler: Handler[Any],
+    url: str,
+    *,
+    job: Job[Any] | None = None,
+    delays: tuple[int, ...] = (1,),
+    middleware: Sequence[Middleware] = (),
+    **options: Any,
 ) -> Iterator[ConsumerRuntime[Any]]:
-    """A runtime consuming on a thread for the duration of the block."""
-    on_success = options.pop("on_success", None)
+    """A runtime consuming on a thread for the duration of the block: ``job``'s, or the job
+    a test handler names with its ``consumer`` attribute."""
+    job = job or JOBS.named(handler.consumer)  # type: ignore[attr-defined]
     runtime: ConsumerRuntime[Any] = ConsumerRuntime(
         handler,
         broker_url=url,
-        topology=topology.consumer_topology(handler.consumer, delays),
+        topology=job.topology(delays),
+        accepts=job.events,
         options=RuntimeOptions(**options),
-        on_success=on_success,
+        middleware=middleware,
     )
     thread = threading.Thread(target=runtime.run, daemon=True)
     thread.start()

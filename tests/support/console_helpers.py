@@ -16,10 +16,10 @@ from typing import Any
 import requests
 import yaml
 
-from cscart_fm import dead_letters as dl
-from cscart_fm.console.auth import Accounts, hash_password, load_accounts
-from cscart_fm.console.server import Console, serve
-from cscart_fm.state import StateStore
+from cscart_fm.core.state import StateStore
+from cscart_fm.support import dead_letters as dl
+from cscart_fm.support.console.auth import Accounts, hash_password, load_accounts
+from cscart_fm.support.console.server import Console, serve
 
 PASSWORDS = {
     "olivia": "olivia-operator-passphrase",

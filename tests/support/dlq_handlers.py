@@ -17,10 +17,10 @@ import structlog
 from kombu import Connection, Queue
 from typer.testing import CliRunner, Result
 
-from cscart.emulator import StoreEmulator
+from cscart_emulator import StoreEmulator
 from cscart_fm.cli import app
-from cscart_fm.errors import NotFound
-from cscart_fm.runtime import Delivery
+from cscart_fm.core.errors import NotFound
+from cscart_fm.core.runtime import Delivery
 from schemas.messages import ShipmentLodged, StockSnapshot
 
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from consumers import order_poll
+from consumers.order_poll import handler as order_poll
 from cscart.client import CsCartClient
 
 STEPS = {

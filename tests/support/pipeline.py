@@ -10,17 +10,19 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from cscart_fm.app import Services, handler_factory
-from cscart_fm.broker import Publisher
-from cscart_fm.config import Environment
-from cscart_fm.runtime import ConsumerRuntime
-from cscart_fm.state import StateStore
-from schemas.settings import parse_clients
+from consumers.registry import JOBS
+from consumers.services import Services
+from cscart_fm.cli.wiring import middleware, open_state
+from cscart_fm.core.broker import Publisher
+from cscart_fm.core.clients import parse_clients
+from cscart_fm.core.config import Environment
+from cscart_fm.core.runtime import ConsumerRuntime
 
 from .broker import drain, running
 
@@ -70,29 +72,39 @@ def client_doc(store_url: str, client_id: str = "ACME", **sections: Any) -> dict
     return _merge(base, sections)
 
 
+@dataclass
+class PipelineServices(Services):
+    """The services of a test process, with the environment it was made for."""
+
+    env: Environment = field(default_factory=Environment)
+
+
 def make_services(
     broker_url: str, state_url: str, clients: list[dict[str, Any]]
-) -> Services:
+) -> PipelineServices:
     env = Environment(
         broker_url=broker_url, state_url=state_url, retry_delays=(1,), max_attempts=3
     )
     parsed = parse_clients({"clients": clients}, {KEY_ENV: API_KEY})
-    return Services(
-        env=env,
+    return PipelineServices(
         clients=parsed,
-        state=StateStore.open(state_url),
+        state=open_state(state_url),
         publisher=Publisher(broker_url),
+        env=env,
     )
 
 
 @contextmanager
-def consumer(services: Services, name: str, **options: Any) -> Iterator[ConsumerRuntime[Any]]:
-    """The named consumer running in this process on the real broker (retry delay 1 s)."""
-    handler = handler_factory(name)(services)
+def consumer(
+    services: PipelineServices, name: str, **options: Any
+) -> Iterator[ConsumerRuntime[Any]]:
+    """The named job's consumer in this process on the real broker (retry delay 1 s), with
+    the middleware ``cscart-fm run`` gives it."""
+    job = JOBS.named(name)
     options.setdefault("max_attempts", services.env.max_attempts)
-    options.setdefault("on_success", services.message_succeeded)
-    with running(handler, services.env.broker_url, delays=services.env.retry_delays,
-                 **options) as runtime:
+    options.setdefault("middleware", middleware(job, services))
+    with running(job.build(services), services.env.broker_url, job=job,
+                 delays=services.env.retry_delays, **options) as runtime:
         yield runtime
 
 

@@ -12,9 +12,9 @@ import threading
 import time
 from pathlib import Path
 
-from cscart_fm import topology
-from cscart_fm.observability import configure_logging
-from cscart_fm.runtime import (
+from consumers.registry import JOBS
+from cscart_fm.core.observability import configure_logging
+from cscart_fm.core.runtime import (
     ConsumerRuntime,
     Delivery,
     RuntimeOptions,
@@ -22,6 +22,8 @@ from cscart_fm.runtime import (
     stop_on_signals,
 )
 from schemas.messages import ShipmentLodged
+
+SHIPMENTS = JOBS.named("shipment-lodged")
 
 
 class SlowHandler:
@@ -53,7 +55,8 @@ def main() -> None:
     runtime: ConsumerRuntime[ShipmentLodged] = ConsumerRuntime(
         SlowHandler(markers, seconds),
         broker_url=url,
-        topology=topology.consumer_topology("shipment-lodged", (1,)),
+        topology=SHIPMENTS.topology((1,)),
+        accepts=SHIPMENTS.events,
         options=RuntimeOptions(prefetch=1, concurrency=1, heartbeat=5, shutdown_grace=grace),
     )
     (markers / "ready").write_text("")

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from multiprocessing.connection import Connection
 
-from cscart.emulator import StoreEmulator
+from cscart_emulator import StoreEmulator
 
 from .pipeline import API_KEY, API_USER
 
