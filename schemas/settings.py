@@ -109,6 +109,18 @@ class OrderSettings(_Section):
             self.start_date.year, self.start_date.month, self.start_date.day, tzinfo=self.zone
         )
 
+    def order_id(self, order_no: str) -> int | None:
+        """The CS-Cart order id in an order number: the prefix (its case ignored, as people
+        and FM write it) followed by the id's digits; None when it is not one."""
+        number = order_no.strip()
+        if self.prefix:
+            if not number.casefold().startswith(self.prefix.casefold()):
+                return None
+            number = number[len(self.prefix) :].strip()
+        if not number.isascii() or not number.isdigit() or int(number) <= 0:
+            return None
+        return int(number)
+
 
 class TrackingSettings(_Section):
     update_tracking_number: bool = True

@@ -27,11 +27,12 @@ import sqlalchemy as sa
 from prometheus_client import REGISTRY
 
 from consumers.order_poll import handler as order_poll
-from consumers.order_poll.handler import explain, imported_orders, order_decisions, poll_watermarks
+from consumers.order_poll.handler import imported_orders, order_decisions, poll_watermarks
 from cscart_emulator import Fault, StoreEmulator
 from cscart_fm.cli.wiring import Services
 from cscart_fm.core import metrics
 from cscart_fm.core.runtime import ConsumerRuntime
+from cscart_fm.support.explain import explain_order
 from schemas.messages import order_event_id
 
 from .support.broker import declare, depth, drain, publish_json, wait_for
@@ -130,7 +131,7 @@ class Poll:
         return sorted(o["cart_order_id"] for o in self.taken())
 
     def explain(self, order_id: int | str, client_id: str = "ACME") -> str:
-        return explain(self.services, client_id, order_id)
+        return explain_order(self.services, client_id, order_id)
 
 
 @contextmanager

@@ -64,7 +64,7 @@ from cscart.client import CsCartClient
 from cscart.statuses import resolve_all
 from cscart_fm.core import metrics
 from cscart_fm.core.broker import Confirmation, Outgoing, contract_properties
-from cscart_fm.core.errors import BridgeError, NotFound, StoreError, StoreRefused
+from cscart_fm.core.errors import BridgeError, NotFound, StoreRefused
 from cscart_fm.core.runtime import Delivery
 from cscart_fm.core.state import UtcDateTime, metadata, utcnow
 from cscart_fm.core.topology import ORDER_IMPORTED, ORDERS_EXCHANGE
@@ -965,143 +965,9 @@ class PollRun:
 
 
 
-# --- explain ------------------------------------------------------------------------------------
-
-def parse_order_ref(ref: int | str, prefix: str) -> int:
-    """``1000012`` or the order_no ``CS1000012`` (the client's prefix)."""
-    if isinstance(ref, int):
-        return ref
-    text = ref.strip()
-    if text.isdigit():
-        return int(text)
-    if prefix and text.startswith(prefix) and text[len(prefix) :].isdigit():
-        return int(text[len(prefix) :])
-    raise ValueError(
-        f"{ref!r} is neither a CS-Cart order id nor an order_no with the prefix {prefix!r}"
-    )
-
-
-def explain(services: Services, client_id: str, order_id: int | str) -> str:
-    """Plain English: whether the order was imported (when, as what order_no), or which of
-    the client's filters excludes it — from what the service recorded and a live look at the
-    store. Never a shopper's name, address or e-mail. Raises UnknownClient, ValueError."""
-    settings = services.clients.require(client_id)
-    oid = parse_order_ref(order_id, settings.orders.prefix)
-    zone = settings.orders.zone
-    out: list[str] = [f"Order {oid} of client {client_id} (order_no {settings.orders.prefix}{oid})"]
-
-    def when(moment: datetime | None) -> str:
-        if moment is None:
-            return "(unknown time)"
-        local = moment.astimezone(zone)
-        return f"{local.isoformat(sep=' ', timespec='seconds')} ({local.tzname()})"
-
-    with services.state.engine.connect() as conn:
-        row = conn.execute(
-            sa.select(imported_orders).where(
-                imported_orders.c.client_id == client_id, imported_orders.c.cart_order_id == oid
-            )
-        ).first()
-        decision = conn.execute(
-            sa.select(order_decisions).where(
-                order_decisions.c.client_id == client_id, order_decisions.c.cart_order_id == oid
-            )
-        ).first()
-    watermark = load_watermark(services, client_id)
-
-    out.append("What the service recorded:")
-    if row is not None and row.state == PUBLISHED:
-        out.append(
-            f"  IMPORTED: published to FM on {when(row.published_at)} as {row.order_no} "
-            f"(event_id {row.event_id}); it was in status {row.cart_status} then."
-        )
-    elif row is not None:
-        out.append(
-            f"  CLAIMED on {when(row.claimed_at)} as {row.order_no} (event_id {row.event_id}), "
-            "but the publish is not recorded as confirmed yet: the next tick publishes it "
-            "(again, with the same event_id)."
-        )
-    elif decision is not None:
-        out.append(
-            f"  NOT IMPORTED: on {when(decision.seen_at)}, in status {decision.cart_status}, "
-            f"the {FILTER_NAMES.get(decision.reason, decision.reason)} filter excluded it: "
-            f"{decision.detail}."
-        )
-    else:
-        out.append(
-            "  nothing: it was not imported, and no poll recorded it as excluded (orders "
-            "outside the pulled statuses are not recorded)."
-        )
-    if watermark is None:
-        out.append(f"  No successful poll of client {client_id} yet.")
-    else:
-        out.append(
-            f"  Last successful poll of client {client_id}: {when(watermark.last_success_at)} "
-            f"({watermark.last_mode} listing)."
-        )
-
-    out.append("In the store now:")
-    handler = OrderPollHandler(services)
-    store = services.stores.for_client(settings)
-    try:
-        order = store.get_order(oid)
-        filters = handler.filters(settings, store, strict=False)
-        plan = plan_listing(filters, watermark, store, time.time())
-    except NotFound:
-        out.append(f"  The store has no order {oid}.")
-        return "\n".join(out)
-    except StoreError as exc:
-        out.append(f"  Could not look at the store: {exc.reason}")
-        return "\n".join(out)
-    parent = f", a vendor order of parent order {order.parent_order_id}" if (
-        order.parent_order_id
-    ) else ""
-    out.append(
-        f"  status {filters.status_label(order.status)}, placed {filters.local(order.timestamp)}"
-        f", ships to {order.s_country.strip().upper() or 'no country'}{parent}."
-    )
-    if filters.missing:
-        out.append(
-            f"  Note: configured statuses the store does not have: {', '.join(filters.missing)}."
-        )
-    out.append(f"  The next tick lists {plan.describe(filters)} ({plan.mode} listing).")
-    verdict = judge(order, filters, plan.lookback)
-    assert verdict is not None
-    if row is not None:
-        out.append("  Already imported: it is never published again.")
-        if verdict.reason is not None:
-            out.append(
-                f"  (Today the {FILTER_NAMES[verdict.reason]} filter would exclude it: "
-                f"{verdict.detail}.)"
-            )
-    elif verdict.reason is not None:
-        out.append(
-            f"  NOT IMPORTED: the {FILTER_NAMES[verdict.reason]} filter excludes it: "
-            f"{verdict.detail}."
-        )
-    elif (
-        plan.mode == "incremental"
-        and plan.updated_from is not None
-        and order.updated_at is not None
-        and order.updated_at < plan.updated_from
-    ):
-        out.append(
-            "  It passes every filter, but it has not changed since "
-            f"{filters.local(plan.updated_from)}, and ticks list only orders changed since the "
-            "last poll: the next tick will not see it. Save the order in CS-Cart (any change) "
-            "and the next tick imports it."
-        )
-    else:
-        out.append(
-            f"  It passes every filter: the next tick imports it as {filters.prefix}{oid}."
-        )
-    return "\n".join(out)
-
-
 __all__ = [
     "OrderPollHandler",
     "PollRun",
-    "explain",
     "imported_orders",
     "judge",
     "order_decisions",

@@ -257,28 +257,27 @@ class ShipmentLodgedHandler:
     def _order_id(settings: ClientSettings, event: ShipmentLodged) -> int:
         if event.cart_order_id is not None:
             return event.cart_order_id
-        prefix = settings.orders.prefix
-        number = event.order_no.strip()
-        if prefix:
-            if not number.casefold().startswith(prefix.casefold()):
-                raise InvalidMessage(
-                    f"order_no {number[:60]!r} does not start with client {settings.client_id}'s "
-                    f"prefix {prefix!r}, and the event has no cart_order_id",
-                    action="order_no must be the client's prefix followed by the CS-Cart order "
-                    "id. Check orders.prefix in the clients file (changed since the order was "
-                    "imported?) or have FM send cart_order_id, then replay.",
-                )
-            number = number[len(prefix) :].strip()
-        if not number.isascii() or not number.isdigit() or int(number) <= 0:
+        order_id = settings.orders.order_id(event.order_no)
+        if order_id is not None:
+            return order_id
+        prefix, number = settings.orders.prefix, event.order_no.strip()
+        action = (
+            "order_no must be the client's prefix followed by the CS-Cart order id. Check "
+            "orders.prefix in the clients file (changed since the order was imported?) or have "
+            "FM send cart_order_id, then replay."
+        )
+        if prefix and not number.casefold().startswith(prefix.casefold()):
             raise InvalidMessage(
-                f"order_no {event.order_no[:60]!r} less client {settings.client_id}'s prefix "
-                f"{prefix!r} is not a CS-Cart order id (digits), and the event has no "
-                "cart_order_id",
-                action="order_no must be the client's prefix followed by the CS-Cart order "
-                "id. Check orders.prefix in the clients file or have FM send cart_order_id, "
-                "then replay.",
+                f"order_no {number[:60]!r} does not start with client {settings.client_id}'s "
+                f"prefix {prefix!r}, and the event has no cart_order_id",
+                action=action,
             )
-        return int(number)
+        raise InvalidMessage(
+            f"order_no {event.order_no[:60]!r} less client {settings.client_id}'s prefix "
+            f"{prefix!r} is not a CS-Cart order id (digits), and the event has no "
+            "cart_order_id",
+            action=action,
+        )
 
     @staticmethod
     def _get_order(store: CsCartClient, order_id: int, where: str) -> CartOrder:

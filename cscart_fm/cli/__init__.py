@@ -13,7 +13,6 @@ import typer
 from kombu import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from consumers.order_poll.handler import explain as explain_order
 from consumers.registry import JOBS
 from cscart.client import CsCartClient
 from cscart_emulator import StoreEmulator, seed_demo_store
@@ -26,6 +25,7 @@ from cscart_fm.core.errors import BridgeError, SettingsError
 from cscart_fm.core.observability import Health, configure_logging, serve_metrics
 from cscart_fm.core.runtime import run_until_stopped, stop_on_signals
 from cscart_fm.support.dead_letters import DeadLetterCollector
+from cscart_fm.support.explain import explain_order
 
 app = typer.Typer(
     add_completion=False,

@@ -18,15 +18,14 @@ from urllib.parse import urlencode
 import sqlalchemy as sa
 import structlog
 
-from consumers.order_poll.handler import explain, parse_order_ref
 from consumers.registry import JOBS
-from consumers.shipment_lodged.handler import pushed_shipments
 from cscart_fm.core.errors import ERROR_TYPES, BridgeError, Fate
 from cscart_fm.core.observability import mask_email
 from cscart_fm.support import dead_letters as dl
 from cscart_fm.support.console import audit
 from cscart_fm.support.console import overview as overview_data
 from cscart_fm.support.console.http import Request, Response, redirect
+from cscart_fm.support.explain import consignments, explain_order, order_ref
 
 if TYPE_CHECKING:
     from cscart_fm.support.console.server import Console
@@ -542,7 +541,7 @@ def _explain(console: Console, client: str, order: str) -> dict[str, Any]:
         return {"error": "Order lookup needs the clients file, and it could not be read."}
     out: dict[str, Any] = {}
     try:
-        out["explanation"] = console.hide_secrets(explain(console.services, client, order))
+        out["explanation"] = console.hide_secrets(explain_order(console.services, client, order))
     except BridgeError as exc:  # UnknownClient
         return {"error": exc.reason}
     except ValueError as exc:
@@ -552,27 +551,8 @@ def _explain(console: Console, client: str, order: str) -> dict[str, Any]:
         return {"error": f"The lookup failed ({type(exc).__name__}); see the console's log."}
     try:
         settings = console.services.clients.require(client)
-        order_id = parse_order_ref(order, settings.orders.prefix)
-        t = pushed_shipments
-        with console.store.engine.connect() as conn:
-            rows = (
-                conn.execute(
-                    sa.select(
-                        t.c.shipment_ref,
-                        t.c.shipment_id,
-                        t.c.status_kind,
-                        t.c.status_done,
-                        t.c.created_at,
-                    )
-                    .where(t.c.client_id == client, t.c.cart_order_id == order_id)
-                    .order_by(t.c.created_at)
-                )
-                .mappings()
-                .all()
-            )
-        out["shipments"] = [
-            {**dict(r), "created_at": overview_data.aware(r["created_at"])} for r in rows
-        ]
+        order_id = order_ref(order, settings.orders)
+        out["shipments"] = consignments(console.services, client, order_id)
     except (ValueError, BridgeError, sa.exc.SQLAlchemyError):
         out["shipments"] = None
     return out
