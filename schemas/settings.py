@@ -29,16 +29,17 @@ _COUNTRY = re.compile(r"^[A-Z]{2}$")
 def _parse_start_date(value: Any) -> date:
     """dd/MM/yyyy, as the client documents write it. An ISO date is refused on purpose:
     22/11 and 11/22 must never be guessed."""
+    # Messages never quote the value: a file's mistakes are printed and logged.
     if isinstance(value, datetime | date) or not isinstance(value, str):
-        raise ValueError(f"expected a date as dd/MM/yyyy (e.g. 22/11/2026), got {value!r}")
+        raise ValueError("expected a date as dd/MM/yyyy (e.g. 22/11/2026)")
     match = _START_DATE.match(value.strip())
     if not match:
-        raise ValueError(f"expected a date as dd/MM/yyyy (e.g. 22/11/2026), got {value!r}")
+        raise ValueError("expected a date as dd/MM/yyyy (e.g. 22/11/2026)")
     day, month, year = (int(part) for part in match.groups())
     try:
         return date(year, month, day)
     except ValueError as exc:
-        raise ValueError(f"{value!r} is not a real date ({exc})") from None
+        raise ValueError(f"not a real date ({exc})") from None
 
 
 StartDate = Annotated[date, BeforeValidator(_parse_start_date)]
@@ -81,7 +82,7 @@ class OrderSettings(_Section):
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError):
             raise ValueError(
-                f"unknown time zone {value!r} (use an IANA name such as Australia/Sydney)"
+                "unknown time zone (use an IANA name such as Australia/Sydney)"
             ) from None
         return value
 
@@ -93,9 +94,9 @@ class OrderSettings(_Section):
         if not isinstance(value, list):
             raise ValueError("expected a list of ISO 3166 alpha-2 codes, e.g. [AU, NZ]")
         codes = [str(item).strip().upper() for item in value]
-        for code in codes:
+        for index, code in enumerate(codes):
             if not _COUNTRY.match(code):
-                raise ValueError(f"{code!r} is not an ISO 3166 alpha-2 country code")
+                raise ValueError(f"item {index + 1} is not an ISO 3166 alpha-2 country code")
         return codes
 
     @property
@@ -181,7 +182,7 @@ class ClientSettings(_Section):
     def _plain_http_url(cls, value: str) -> str:
         parts = urlsplit(value.strip())
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"expected an http(s) URL such as https://shop.example, got {value!r}")
+            raise ValueError("expected an http(s) URL such as https://shop.example")
         if parts.username or parts.password:
             # Credentials in a URL end up in tracebacks and logs: refuse them outright.
             raise ValueError("must not contain credentials; use api_user and api_key")

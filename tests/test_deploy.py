@@ -847,7 +847,7 @@ def test_the_example_clients_file_is_valid(tmp_path: Path) -> None:
         local = tmp_path / path.name
         local.write_text("a-key-for-the-test\n", encoding="utf-8")
         client["api_key_file"] = str(local)
-    clients = parse_clients(document, environ={})
+    clients = parse_clients(document, environ={"CSCART_FM_SECRETS_DIR": str(tmp_path)})
     assert sorted(clients) == sorted(secrets)
 
 

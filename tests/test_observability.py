@@ -6,8 +6,10 @@ import io
 import json
 import logging
 
+import pytest
 import structlog
 
+from cscart_fm.core.config import redact_url
 from cscart_fm.core.observability import configure_logging, register_secret
 
 SECRET = "sk-live-4f9d1c2b7a"
@@ -34,3 +36,20 @@ def test_secrets_and_emails_are_redacted_in_every_kind_of_log_line() -> None:
     assert lines[1]["nested"] == {"password": "***"}
     assert "***" in lines[2]["event"]
     assert "RuntimeError" in lines[3]["exception"]
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("amqp://guest:guest@localhost:5672//", "amqp://guest:***@localhost:5672//"),
+        # A password with # or / does not parse as a URL: everything before its last @ goes.
+        ("amqp://svc:pa#ss/word@rabbit:5672//", "amqp://***@rabbit:5672//"),
+        ("postgresql+psycopg://app:s3cr@t@db:5432/state", "postgresql+psycopg://app:***@db:5432/state"),
+        ("amqp://u:p@[::1:5672//", "amqp://***@[::1:5672//"),  # malformed
+        ("amqp://svc:one@h1//;amqp://svc:two@h2//", "amqp://svc:***@h1//;amqp://svc:***@h2//"),
+        ("sqlite:///cscart-fm.sqlite", "sqlite:///cscart-fm.sqlite"),
+        ("postgresql://app@db/state", "postgresql://app@db/state"),
+    ],
+)
+def test_urls_are_shown_without_their_password(url: str, shown: str) -> None:
+    assert redact_url(url) == shown

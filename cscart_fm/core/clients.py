@@ -48,62 +48,111 @@ class Clients(Mapping[str, ClientSettings]):
 
 
 # --- loading -------------------------------------------------------------------------------
+# A mistake is reported by client and field, never by quoting the value: the messages are
+# printed and logged, and a value may be a credential typed in the wrong place.
+
+MAX_FILE_BYTES = 1024 * 1024
+"""A clients file larger than this is refused unread (a few hundred clients take ~100 KB)."""
+MAX_KEY_BYTES = 4096
+SECRETS_DIR_ENV = "CSCART_FM_SECRETS_DIR"
+DEFAULT_SECRETS_DIR = "/etc/cscart-fm/secrets"
+"""Where ``api_key_file`` may point: the mounted Secret, and nothing else on the machine."""
+_PLAIN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-def _expand(value: Any, environ: Mapping[str, str], where: str, problems: list[str]) -> Any:
-    """Replace ``${NAME}`` by the environment's value in every string of the file."""
-    if isinstance(value, dict):
-        return {
-            k: _expand(v, environ, f"{where}.{k}" if where else str(k), problems)
-            for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return [_expand(v, environ, f"{where}[{i}]", problems) for i, v in enumerate(value)]
-    if isinstance(value, str):
+class _StrictLoader(yaml.SafeLoader):
+    """YAML without anchors, aliases or repeated keys: an alias bomb of a few hundred bytes
+    expands to gigabytes, and a repeated key silently replaces the first one."""
 
-        def substitute(match: re.Match[str]) -> str:
-            name = match.group(1)
-            if name not in environ:
-                problems.append(f"{where}: environment variable {name} is not set")
-                return ""
-            return environ[name]
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(
+                None, None, "anchors and aliases (&, *) are not allowed", event.start_mark
+            )
+        return super().compose_node(parent, index)
 
-        return _ENV_REF.sub(substitute, value)
-    return value
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a key is given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_key_file(raw_path: Any, environ: Mapping[str, str], problems: list[str]) -> str:
+    """The key in ``api_key_file``: a regular file of at most ``MAX_KEY_BYTES`` inside the
+    secrets directory (symbolic links resolved first, as a Secret volume uses them)."""
+    directory = Path(environ.get(SECRETS_DIR_ENV, "") or DEFAULT_SECRETS_DIR).resolve()
+    if not isinstance(raw_path, str) or not raw_path.strip():
+        problems.append("api_key_file: expected the path of a file")
+        return ""
+    path = Path(raw_path.strip())
+    try:
+        resolved = path.resolve(strict=True)
+        if not resolved.is_relative_to(directory):
+            problems.append(
+                f"api_key_file: not inside the secrets directory {directory} (set "
+                f"{SECRETS_DIR_ENV} to where the keys are mounted)"
+            )
+            return ""
+        if not resolved.is_file():
+            problems.append("api_key_file: not a regular file")
+            return ""
+        with resolved.open("rb") as handle:
+            data = handle.read(MAX_KEY_BYTES + 1)
+    except OSError as exc:
+        problems.append(f"api_key_file: cannot read it ({exc.strerror or type(exc).__name__})")
+        return ""
+    if len(data) > MAX_KEY_BYTES:
+        problems.append(f"api_key_file: larger than {MAX_KEY_BYTES} bytes: not an API key")
+        return ""
+    try:
+        key = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        problems.append("api_key_file: not UTF-8 text")
+        return ""
+    if not key:
+        problems.append("api_key_file: the file is empty")
+    return key
 
 
 def _read_api_key(raw: dict[str, Any], environ: Mapping[str, str], problems: list[str]) -> None:
-    """Resolve the API key in place from ``${ENV}`` or ``api_key_file``; never from clear text."""
+    """Resolve the API key in place from ``${ENV}`` or ``api_key_file``; never from clear text.
+    ``${NAME}`` is read in ``api_key`` only: anywhere else it is plain text."""
     has_key, has_file = "api_key" in raw, "api_key_file" in raw
     if has_key and has_file:
         problems.append("api_key: give either api_key or api_key_file, not both")
         raw.pop("api_key_file")
         return
     if has_file:
-        path = Path(str(raw.pop("api_key_file")))
-        try:
-            raw["api_key"] = path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            problems.append(f"api_key_file: cannot read {str(path)!r} ({exc.strerror})")
-            return
-        if not raw["api_key"]:
-            problems.append(f"api_key_file: {str(path)!r} is empty")
+        raw["api_key"] = _read_key_file(raw.pop("api_key_file"), environ, problems)
         return
     if not has_key:
         problems.append("api_key: missing (write api_key: ${ENV_NAME} or api_key_file: PATH)")
         return
     value = raw["api_key"]
-    if not isinstance(value, str) or not _ENV_REF.fullmatch(value.strip()):
+    match = _ENV_REF.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is None:
         problems.append(
             "api_key: must be ${ENV_NAME} or replaced by api_key_file: API keys are never "
             "written in the clients file in clear"
         )
         raw["api_key"] = ""
         return
-    expanded = _expand(value.strip(), environ, "api_key", problems)
-    if not expanded and not problems:
-        problems.append(f"api_key: environment variable in {value.strip()} is empty")
-    raw["api_key"] = expanded
+    name = match.group(1)
+    if name not in environ:
+        problems.append(f"api_key: environment variable {name} is not set")
+        raw["api_key"] = ""
+    elif not environ[name].strip():
+        problems.append(f"api_key: environment variable {name} is empty")
+        raw["api_key"] = ""
+    else:
+        raw["api_key"] = environ[name].strip()
 
 
 def _field_path(loc: tuple[int | str, ...]) -> str:
@@ -125,14 +174,12 @@ def parse_clients(document: Any, environ: Mapping[str, str] | None = None) -> Cl
         if not isinstance(raw, dict):
             problems.append(f"clients[{index}]: expected a mapping of settings")
             continue
-        name = str(raw.get("client_id") or f"#{index + 1}")
+        client_id = raw.get("client_id")
+        plain = isinstance(client_id, str) and _PLAIN_ID.match(client_id)
+        name = client_id if plain else f"#{index + 1}"
         own: list[str] = []
         raw = dict(raw)
         _read_api_key(raw, environ, own)
-        key = raw.pop("api_key", None)
-        raw = _expand(raw, environ, "", own)
-        if key is not None:
-            raw["api_key"] = key
         try:
             client = ClientSettings.model_validate(raw)
         except ValidationError as exc:
@@ -155,15 +202,31 @@ def load_clients(path: str | Path, environ: Mapping[str, str] | None = None) -> 
     """Read and validate the clients file named by ``CSCART_FM_CLIENTS``."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise SettingsError(
             f"clients file {str(path)!r}: cannot read it ({exc.strerror})"
         ) from None
+    if len(data) > MAX_FILE_BYTES:
+        raise SettingsError(
+            f"clients file {str(path)!r}: larger than {MAX_FILE_BYTES // 1024} KiB"
+        )
     try:
-        document = yaml.safe_load(text)
+        document = yaml.load(data.decode("utf-8"), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
+    except UnicodeDecodeError:
+        raise SettingsError(f"clients file {str(path)!r}: not UTF-8 text") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise SettingsError(f"clients file {str(path)!r}: not valid YAML{where}") from None
+        problem = getattr(exc, "problem", None)
+        ours = problem if problem in _OWN_PROBLEMS else None
+        raise SettingsError(
+            f"clients file {str(path)!r}: not valid YAML{where}" + (f": {ours}" if ours else "")
+        ) from None
     return parse_clients(document, environ)
+
+
+_OWN_PROBLEMS = frozenset(
+    {"anchors and aliases (&, *) are not allowed", "a key is given twice in one mapping"}
+)

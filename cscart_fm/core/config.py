@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 from typing import Any
 
 from cscart_fm.core.errors import SettingsError
@@ -99,14 +100,23 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
 
 
 def redact_url(url: str) -> str:
-    """A broker or database URL fit for a log line: the password replaced."""
-    from urllib.parse import urlsplit, urlunsplit
+    """A broker or database URL fit for a log line: the password replaced, in each URL of a
+    failover list (``amqp://…//;amqp://…//``). A URL that does not parse cleanly (a password
+    with ``#`` or ``/`` in it) loses everything between ``://`` and its last ``@``."""
+    return ";".join(_redact_one(part) for part in url.split(";"))
 
-    parts = urlsplit(url)
-    if parts.password is None:
+
+def _redact_one(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
         return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    netloc = f"{parts.username}:***@{host}" if parts.username else host
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    userinfo, _, after = rest.rpartition("@")
+    try:
+        parts = urlsplit(url)
+        netloc, username = parts.netloc, parts.username
+    except ValueError:
+        netloc, username = "", None
+    if "@" in netloc and netloc.rpartition("@")[0] == userinfo and username is not None:
+        user = userinfo.partition(":")[0]
+        return f"{scheme}://{user}:***@{after}" if ":" in userinfo else url
+    return f"{scheme}://***@{after}"
