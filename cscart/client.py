@@ -23,11 +23,15 @@ that store. It owns what "being gentle with a store on modest hosting" means:
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import email.utils
+import heapq
 import http.cookiejar
+import itertools
 import json
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -45,6 +49,7 @@ import requests
 import structlog
 from pydantic import BaseModel, SecretStr, ValidationError
 from requests.adapters import HTTPAdapter
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import (
     ConnectTimeoutError,
     MaxRetryError,
@@ -212,6 +217,114 @@ def _parse_retry_after(value: str | None, now: Callable[[], float] = time.time) 
     return max(0.0, seconds)
 
 
+class _Deadline:
+    """One attempt's deadline. When it passes, the attempt's connection is shut down under the
+    thread reading it, which then fails at once: the only way to bound a read that a store
+    keeps alive a byte at a time (each byte restarts the socket's read timeout)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+        self.expired = False
+        self.finished = False
+        self._lock = threading.Lock()
+        self._connection: Any = None
+
+    def watch(self, connection: Any) -> None:
+        with self._lock:
+            self._connection = connection
+            expired = self.expired
+        if expired:
+            self._shut(connection)
+
+    def expire(self) -> None:
+        with self._lock:
+            if self.finished:
+                return
+            self.expired = True
+            connection = self._connection
+        if connection is not None:
+            self._shut(connection)
+
+    def finish(self) -> None:
+        with self._lock:
+            self.finished = True
+            self._connection = None
+
+    @staticmethod
+    def _shut(connection: Any) -> None:
+        sock = getattr(connection, "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Watchdog:
+    """One thread for every attempt's deadline in the process (a timer thread per attempt
+    would cost a thread start per request)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, _Deadline]] = []
+        self._counter = itertools.count()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def add(self, deadline: _Deadline) -> None:
+        with self._wake:
+            heapq.heappush(self._heap, (deadline.at, next(self._counter), deadline))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="cscart-deadlines", daemon=True
+                )
+                self._thread.start()
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while self._heap and self._heap[0][2].finished:
+                    heapq.heappop(self._heap)  # done in time: nothing to do
+                if not self._heap:
+                    self._wake.wait()
+                    continue
+                at, _, deadline = self._heap[0]
+                now = time.monotonic()
+                if at > now:
+                    self._wake.wait(at - now)
+                    continue
+                heapq.heappop(self._heap)
+            deadline.expire()
+
+
+_WATCHDOG = _Watchdog()
+_ATTEMPT: contextvars.ContextVar[_Deadline | None] = contextvars.ContextVar(
+    "cscart_attempt", default=None
+)
+
+
+class _DeadlinePool(HTTPConnectionPool):
+    """Hands each connection it uses to the current attempt's deadline."""
+
+    def _make_request(self, conn: Any, *args: Any, **kwargs: Any) -> Any:
+        deadline = _ATTEMPT.get()
+        if deadline is not None:
+            deadline.watch(conn)
+        return super()._make_request(conn, *args, **kwargs)
+
+
+class _DeadlineHTTPSPool(_DeadlinePool, HTTPSConnectionPool):
+    pass
+
+
+class _DeadlineAdapter(HTTPAdapter):
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {  # type: ignore[assignment]
+            "http": _DeadlinePool,
+            "https": _DeadlineHTTPSPool,
+        }
+
+
 def _root_cause(exc: BaseException) -> BaseException | None:
     """The urllib3 error inside a requests error (requests wraps it in MaxRetryError)."""
     inner = exc.args[0] if exc.args else None
@@ -264,7 +377,7 @@ def _store_message(content: bytes | None) -> str:
         return ""
     try:
         data = json.loads(content.decode("utf-8-sig"), parse_float=Decimal)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         return ""
     if not isinstance(data, dict):
         return ""
@@ -452,7 +565,7 @@ class CsCartClient:
             # Stateless API calls: no session cookie from the store is ever sent back.
             self._session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
             # Retries are ours (below), never urllib3's; one pooled connection per slot.
-            adapter = HTTPAdapter(
+            adapter = _DeadlineAdapter(
                 pool_connections=1, pool_maxsize=self.limits.concurrency, max_retries=0
             )
             self._session.mount("http://", adapter)
@@ -1145,7 +1258,7 @@ class CsCartClient:
         try:
             text = reply.content.decode("utf-8-sig")  # some hosts prepend a BOM
             return json.loads(text, parse_float=Decimal, parse_constant=_refuse_constant)
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # deep nesting: not an answer
             raise BadResponse(
                 f"{op}: {_http(reply.status)}: the answer is not JSON ({kind}){_ctx(what)}",
                 status=reply.status,
@@ -1156,12 +1269,16 @@ class CsCartClient:
     def _send(
         self, method: Method, op: str, url: str, query: Params, body: Any, attempt: int
     ) -> _Reply:
-        """One HTTP attempt inside the store's concurrency cap and rate limit."""
+        """One HTTP attempt inside the store's concurrency cap and rate limit, within
+        ``limits.attempt_timeout`` from its first byte sent to its last byte read."""
         with self._slots:
             self._bucket.take()
             started = time.monotonic()
             status_class = "error"
             status: int | str = "error"
+            deadline = _Deadline(self.limits.attempt_timeout)
+            token = _ATTEMPT.set(deadline)
+            _WATCHDOG.add(deadline)
             try:
                 try:
                     response = self._session.request(
@@ -1169,7 +1286,7 @@ class CsCartClient:
                         stream=True, allow_redirects=False,
                     )
                 except requests.RequestException as exc:
-                    failure = _no_answer(exc)
+                    failure = self._failure(exc, deadline, status_sent=False)
                     status_class, status = failure.status_class, failure.detail
                     raise failure from None
                 with response:
@@ -1177,14 +1294,14 @@ class CsCartClient:
                     try:
                         content = self._read_capped(response)
                     except requests.RequestException as exc:
-                        failure = _no_answer(exc)
-                        status_class, status = failure.status_class, failure.detail
                         # The status line came: the request surely reached the store.
-                        raise _NoAnswer(
-                            failure.status_class, failure.detail, maybe_sent=True
-                        ) from None
+                        failure = self._failure(exc, deadline, status_sent=True)
+                        status_class, status = failure.status_class, failure.detail
+                        raise failure from None
                     return _Reply(response.status_code, response.headers, content)
             finally:
+                deadline.finish()
+                _ATTEMPT.reset(token)
                 elapsed = time.monotonic() - started
                 STORE_REQUESTS.labels(self.client_id, op, status_class).inc()
                 STORE_REQUEST_SECONDS.labels(self.client_id, op).observe(elapsed)
@@ -1192,6 +1309,21 @@ class CsCartClient:
                     "cscart.request", client=self.client_id, operation=op, method=method,
                     status=status, attempt=attempt, seconds=round(elapsed, 3),
                 )
+
+    @staticmethod
+    def _failure(
+        exc: requests.RequestException, deadline: _Deadline, *, status_sent: bool
+    ) -> _NoAnswer:
+        failure = _no_answer(exc)
+        if deadline.expired:
+            failure = _NoAnswer(
+                "timeout",
+                f"no complete answer within attempt_timeout ({deadline.seconds:g} s)",
+                maybe_sent=True,
+            )
+        if status_sent:
+            failure.maybe_sent = True
+        return failure
 
     def _read_capped(self, response: requests.Response) -> bytes | None:
         """The body, or None as soon as it exceeds ``max_response_bytes``."""

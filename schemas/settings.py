@@ -155,6 +155,9 @@ class StoreLimits(_Section):
     concurrency: int = Field(default=4, ge=1, le=64)
     connect_timeout: float = Field(default=5.0, gt=0, le=120)
     read_timeout: float = Field(default=20.0, gt=0, le=600)
+    attempt_timeout: float = Field(default=60.0, gt=0, le=900)
+    """The whole of one attempt (connect, headers and body): a store trickling its answer a
+    byte at a time resets the read timeout forever, never this."""
     max_attempts: int = Field(default=3, ge=1, le=10)
     """Attempts of an idempotent call (GET, PUT) on 429, 5xx or a timeout."""
     max_retry_wait: float = Field(default=10.0, ge=0, le=300)
