@@ -16,7 +16,8 @@ from zoneinfo import ZoneInfo
 import pytest
 import requests
 
-from cscart_emulator import Fault, RecordedRequest, StoreEmulator, seed_demo_store
+from cscart_emulator import ENDPOINTS, Fault, RecordedRequest, StoreEmulator, seed_demo_store
+from cscart_emulator.resources import HANDLERS
 
 USER = "admin@example.com"
 KEY = "test-api-key"
@@ -46,6 +47,11 @@ def item_ids(emu: StoreEmulator, order_id: int) -> list[str]:
 
 
 # ---- routing and authentication ---------------------------------------------------------------
+def test_every_endpoint_has_a_handler() -> None:
+    # routing admits ENDPOINTS, dispatch looks the handler up: a gap would answer 500
+    assert set(HANDLERS) == ENDPOINTS
+
+
 def test_auth_missing_or_wrong_is_401_with_realm(emu: StoreEmulator) -> None:
     for auth in (None, (USER, "wrong"), ("nobody@example.com", KEY)):
         r = requests.get(api(emu, "orders"), auth=auth, timeout=5)
