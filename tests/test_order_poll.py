@@ -26,8 +26,9 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client import REGISTRY
 
-from consumers.order_poll import handler as order_poll
-from consumers.order_poll.handler import imported_orders, order_decisions, poll_watermarks
+from consumers.order_poll import filters as order_poll
+from consumers.order_poll import listing
+from consumers.order_poll.tables import imported_orders, order_decisions, poll_watermarks
 from cscart_emulator import Fault, StoreEmulator
 from cscart_fm.cli.wiring import Services
 from cscart_fm.core import metrics
@@ -474,7 +475,7 @@ def test_an_order_paid_while_a_long_listing_runs_is_imported_next_tick(
     """The order changes behind the reader's page (lower id) while later orders change too:
     the watermark must not move past it. The overlap is taken away to show the watermark
     itself never passes the store's clock at the start of the listing."""
-    monkeypatch.setattr(order_poll, "OVERLAP_SECONDS", 0)
+    monkeypatch.setattr(listing, "OVERLAP_SECONDS", 0)
     behind = store.add_order(status="O", timestamp=now() - DAY)
     first = store.add_order(status="P", timestamp=now() - DAY)
     with polling(broker_url, sqlite_url, store, limits={"page_size": 5}) as poll:

@@ -13,14 +13,9 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from consumers.order_poll.handler import (
-    CLAIMED,
-    PUBLISHED,
-    claimed_after,
-    imported_orders,
-    recorded,
-)
+from consumers.order_poll.tables import IMPORTED, imported_orders
 from cscart_fm.cli.wiring import open_state
+from cscart_fm.core.outbox import CLAIMED, PUBLISHED
 from cscart_fm.core.state import StateStore
 
 
@@ -42,13 +37,15 @@ def test_a_ticks_lookups_use_an_index_with_a_long_history(tmp_path: Path) -> Non
     with store.transaction() as conn:
         conn.execute(imported_orders.insert(), rows)
 
-    claimed = _plan(store, claimed_after("ACME", -1))
-    known = _plan(store, recorded("ACME", list(range(19_900, 19_931))))
+    claimed = _plan(store, IMPORTED.claimed_after("ACME"))
+    later = _plan(store, IMPORTED.claimed_after("ACME", (5000,)))  # the next chunk
+    known = _plan(store, IMPORTED.recorded("ACME", [(n,) for n in range(19_900, 19_931)]))
 
     assert "ix_imported_orders_claimed" in claimed and "SCAN" not in claimed, claimed
+    assert "ix_imported_orders_claimed" in later and "SCAN" not in later, later
     assert "cart_order_id=?" in known and "SCAN" not in known, known
     with store.engine.connect() as conn:
-        assert [r.cart_order_id for r in conn.execute(claimed_after("ACME", -1))] == [
+        assert [r.cart_order_id for r in conn.execute(IMPORTED.claimed_after("ACME"))] == [
             5000, 10_000, 15_000, 20_000]
-        assert len(conn.execute(recorded("ACME", [1, 2, 30_000])).all()) == 2
+        assert len(conn.execute(IMPORTED.recorded("ACME", [(1,), (2,), (30_000,)])).all()) == 2
     store.close()

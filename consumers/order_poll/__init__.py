@@ -9,14 +9,12 @@ from zoneinfo import ZoneInfo
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from consumers.order_poll.handler import (
-    OrderPollHandler,
-    imported_orders,
-    order_decisions,
-    poll_watermarks,
-)
+from consumers.order_poll.handler import OrderPollHandler
+from consumers.order_poll.tables import imported_orders, order_decisions, poll_watermarks
 from consumers.services import Services
+from cscart_fm.core.durations import describe_age
 from cscart_fm.core.jobs import DeadLetterKey, Job, OverviewColumn, OverviewScope, Tuning
+from cscart_fm.core.outbox import PUBLISHED
 from schemas.messages import OrderPollTick
 from schemas.settings import ClientSettings
 
@@ -59,22 +57,9 @@ def _imported_today(t: sa.Table, scope: OverviewScope) -> Any:
         others = sa.and_(t.c.client_id.not_in(list(scope.zones)), others)
     return (
         sa.select(t.c.client_id, sa.func.count())
-        .where(t.c.state == "published", sa.or_(*windows, others))
+        .where(t.c.state == PUBLISHED, sa.or_(*windows, others))
         .group_by(t.c.client_id)
     )
-
-
-def describe_age(delta: timedelta) -> str:
-    seconds = max(0, int(delta.total_seconds()))
-    if seconds < 90:
-        return f"{seconds} s"
-    minutes = seconds // 60
-    if minutes < 90:
-        return f"{minutes} min"
-    hours = minutes // 60
-    if hours < 48:
-        return f"{hours} h {minutes % 60} min" if minutes % 60 else f"{hours} h"
-    return f"{hours // 24} days"
 
 
 def _stalled(last_poll: datetime | None, settings: ClientSettings, now: datetime) -> str | None:

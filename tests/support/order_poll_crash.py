@@ -7,11 +7,11 @@ STEP is where the process dies, the Nth time it gets there:
 - ``list``: once N orders were read from the store, before the page holding the Nth is
   claimed (the orders of that page are read, none of them claimed);
 - ``claim``: after the Nth page's transaction committed (its orders claimed, the page before
-  recorded as published), before any of its orders is published;
+  recorded as published), before any of its orders is published (``Outbox.claim``);
 - ``publish``: once the broker confirmed the Nth page of orders, before it is recorded as
-  published;
+  published (``Outbox.confirmed``);
 - ``mark``: after the Nth transaction that recorded orders as published, before anything
-  else is published;
+  else is published (``Outbox.claim`` with orders ``published``, ``Outbox.mark_published``);
 - ``watermark``: instead of saving the watermark (every order done, the run not recorded).
 
 The process writes ``<MARKER>`` (env ``CSCART_FM_TEST_CRASH_MARKER``) just before it dies.
@@ -19,32 +19,34 @@ The process writes ``<MARKER>`` (env ``CSCART_FM_TEST_CRASH_MARKER``) just befor
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from consumers.order_poll import handler as order_poll
+from consumers.order_poll import handler
 from cscart.client import CsCartClient
+from cscart_fm.core.outbox import Outbox
 
-STEPS = {
-    "claim": ("record",),
-    "publish": ("confirmed",),
-    "mark": ("record", "mark_published"),
-    "watermark": ("save_watermark",),
+STEPS: dict[str, tuple[tuple[Any, str], ...]] = {
+    "claim": ((Outbox, "claim"),),
+    "publish": ((Outbox, "confirmed"),),
+    "mark": ((Outbox, "claim"), (Outbox, "mark_published")),
+    "watermark": ((handler, "save_watermark"),),
 }
 
 
-def _counts(step: str, name: str, args: tuple[Any, ...], result: Any) -> bool:
+def _counts(step: str, name: str, arguments: Mapping[str, Any], result: Any) -> bool:
     """Whether this call is a hit of the step: one that did what the step names."""
     if step == "claim":
         return bool(result)  # orders claimed
     if step == "publish":
         return bool(result)  # orders confirmed
-    if step == "mark":
-        return bool(args[3] if name == "record" else args[0])  # orders recorded as published
+    if step == "mark":  # orders recorded as published
+        return bool(arguments["published" if name == "claim" else "entries"])
     return True
 
 
@@ -77,21 +79,23 @@ def main() -> None:
 
         CsCartClient.order_pages = order_pages  # type: ignore[method-assign]
     else:
-        for name in STEPS[step]:
-            original: Callable[..., Any] = getattr(order_poll.PollRun, name)
+        for owner, name in STEPS[step]:
+            original: Callable[..., Any] = getattr(owner, name)
 
             def wrapped(
-                self: Any, *args: Any, _name: str = name, _original: Callable[..., Any] = original,
+                *args: Any, _name: str = name, _original: Callable[..., Any] = original,
                 **kwargs: Any,
             ) -> Any:
                 if step == "watermark":
                     die()
-                result = _original(self, *args, **kwargs)
-                if _counts(step, _name, args, result):
+                result = _original(*args, **kwargs)
+                bound = inspect.signature(_original).bind(*args, **kwargs)
+                bound.apply_defaults()
+                if _counts(step, _name, bound.arguments, result):
                     hit()
                 return result
 
-            setattr(order_poll.PollRun, name, wrapped)
+            setattr(owner, name, wrapped)
 
     from cscart_fm.cli import main as cli_main
 
