@@ -33,7 +33,7 @@ from .support.pipeline import (
     write_clients_file,
 )
 
-pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.broker, pytest.mark.browser, pytest.mark.timeout(120)]
 
 DLQ = "cscart.shipment-lodged.dlq"
 ORDER = 1000300

@@ -27,7 +27,7 @@ from cscart_fm.core.jobs import DeadLetterKey, Job, OverviewColumn, OverviewScop
 from cscart_fm.core.runtime import Delivery
 from cscart_fm.core.state import UtcDateTime, component_versions, metadata, utcnow
 from cscart_fm.support.console import overview
-from cscart_fm.support.dead_letters import key_of_document
+from cscart_fm.support.dead_letters.resolve import key_of_document
 from schemas.messages import Message
 
 from .support.broker import wait_for
@@ -167,12 +167,12 @@ def test_a_registered_job_gets_its_tables_and_overview_column(tmp_path: Path) ->
             store.close()
 
 
-def test_a_registered_job_runs_on_the_runtime(tmp_path: Path) -> None:
+def test_a_registered_job_runs_on_the_runtime(tmp_path: Path, memory_url: str) -> None:
     """On the in-process broker: a ping is handled and recorded; a refused one is not (on
     memory:// a dead letter is dropped: the real broker's dead-lettering is tested with the
     runtime)."""
     url = f"sqlite:///{tmp_path / 'state.sqlite'}"
-    broker = "memory://toy"
+    broker = memory_url
     clients = parse_clients({"clients": [client_doc("http://127.0.0.1:9")]}, {KEY_ENV: API_KEY})
     with JOBS.registered(TOY):
         services = Services(clients=clients, state=open_state(url), publisher=Publisher(broker))

@@ -1,4 +1,5 @@
-"""The tick producer and the hand-held event publisher on a real RabbitMQ."""
+"""The tick producer and the hand-held event publisher, on kombu's in-process broker (what
+they publish is the rule) and, for the tick loop as its own process, on a real RabbitMQ."""
 
 from __future__ import annotations
 
@@ -18,15 +19,13 @@ import sqlalchemy as sa
 from cscart_fm.cli.wiring import open_state
 from cscart_fm.core.broker import Publisher
 from cscart_fm.core.events import parse_event
-from cscart_fm.support.dead_letters import raw_body
+from cscart_fm.support.dead_letters.collect import raw_body
 from producers.tick import Schedule, TickTarget, load_targets, run_loop, tick_schedule
 from schemas.messages import OrderPollTick
 
 from .support.broker import declare, depth, drain, shipment_event, wait_for
 from .support.dlq_handlers import cli, logging_restored, order_imported_body
 from .support.pipeline import client_doc, start_cli, write_clients_file
-
-pytestmark = pytest.mark.broker
 
 TICKS = "cscart.order-poll"
 
@@ -65,13 +64,13 @@ def assert_contract_properties(message: Any, body: dict[str, Any], schema: str) 
 # --- tick ------------------------------------------------------------------------------------
 
 
-def test_tick_once_publishes_one_tick_per_client(broker_url: str, tmp_path: Path) -> None:
-    env = env_for(broker_url, tmp_path, clients_file(tmp_path, {"ACME": 300, "BETA": 60}))
+def test_tick_once_publishes_one_tick_per_client(memory_url: str, tmp_path: Path) -> None:
+    env = env_for(memory_url, tmp_path, clients_file(tmp_path, {"ACME": 300, "BETA": 60}))
     result = cli(env, "tick", "--json")
     assert result.exit_code == 0, result.output
     reported = json.loads(result.stdout)
     assert [r["client_id"] for r in reported] == ["ACME", "BETA"]
-    messages = drain(broker_url, TICKS)  # the tick declared the queue: nothing was lost
+    messages = drain(memory_url, TICKS)  # the tick declared the queue: nothing was lost
     assert len(messages) == 2
     before = datetime.now(UTC)
     for message in messages:
@@ -84,46 +83,46 @@ def test_tick_once_publishes_one_tick_per_client(broker_url: str, tmp_path: Path
     assert len({json.loads(m.body)["event_id"] for m in messages}) == 2
 
 
-def test_tick_once_for_the_clients_named(broker_url: str, tmp_path: Path) -> None:
-    env = env_for(broker_url, tmp_path, clients_file(tmp_path, {"ACME": 300, "BETA": 60}))
+def test_tick_once_for_the_clients_named(memory_url: str, tmp_path: Path) -> None:
+    env = env_for(memory_url, tmp_path, clients_file(tmp_path, {"ACME": 300, "BETA": 60}))
     result = cli(env, "tick", "BETA")
     assert result.exit_code == 0, result.output
     assert "ticked BETA" in result.stdout
-    assert [json.loads(m.body)["client_id"] for m in drain(broker_url, TICKS)] == ["BETA"]
+    assert [json.loads(m.body)["client_id"] for m in drain(memory_url, TICKS)] == ["BETA"]
 
 
-def test_tick_refuses_an_unknown_client(broker_url: str, tmp_path: Path) -> None:
-    declare(broker_url)
-    env = env_for(broker_url, tmp_path, clients_file(tmp_path, {"ACME": 300}))
+def test_tick_refuses_an_unknown_client(memory_url: str, tmp_path: Path) -> None:
+    declare(memory_url)
+    env = env_for(memory_url, tmp_path, clients_file(tmp_path, {"ACME": 300}))
     result = cli(env, "tick", "ACME", "NOPE")
     assert result.exit_code == 2
     assert "NOPE" in result.stderr
     assert "not in the clients file" in result.stderr
     assert "ACME" in result.stderr  # what it does know
-    assert depth(broker_url, TICKS) == 0  # not even the known one: nothing half-done
+    assert depth(memory_url, TICKS) == 0  # not even the known one: nothing half-done
 
 
-def test_tick_refuses_a_broken_clients_file(broker_url: str, tmp_path: Path) -> None:
+def test_tick_refuses_a_broken_clients_file(memory_url: str, tmp_path: Path) -> None:
     path = clients_file(tmp_path, {"ACME": 5})  # below the 10 s minimum
-    result = cli(env_for(broker_url, tmp_path, path), "tick")
+    result = cli(env_for(memory_url, tmp_path, path), "tick")
     assert result.exit_code == 2
     assert "client ACME: orders.poll_interval_seconds" in result.stderr
 
 
 def test_tick_due_for_a_cronjob_ticks_only_the_clients_whose_interval_elapsed(
-    broker_url: str, tmp_path: Path
+    memory_url: str, tmp_path: Path
 ) -> None:
-    env = env_for(broker_url, tmp_path, clients_file(tmp_path, {"ACME": 60, "BETA": 3600}))
+    env = env_for(memory_url, tmp_path, clients_file(tmp_path, {"ACME": 60, "BETA": 3600}))
     first = cli(env, "tick", "--due")
     assert first.exit_code == 0, first.output
-    assert sorted(json.loads(m.body)["client_id"] for m in drain(broker_url, TICKS)) == [
+    assert sorted(json.loads(m.body)["client_id"] for m in drain(memory_url, TICKS)) == [
         "ACME",
         "BETA",
     ]
     again = cli(env, "tick", "--due")  # the next minute's run, too early for both
     assert again.exit_code == 0, again.output
     assert "2 client(s) not due yet" in again.stdout
-    assert drain(broker_url, TICKS) == []
+    assert drain(memory_url, TICKS) == []
 
     # 55 s later ACME is due (a CronJob starting a few seconds early still ticks it).
     store = open_state(env["CSCART_FM_STATE_URL"])
@@ -139,15 +138,15 @@ def test_tick_due_for_a_cronjob_ticks_only_the_clients_whose_interval_elapsed(
     store.close()
     later = cli(env, "tick", "--due")
     assert later.exit_code == 0, later.output
-    assert [json.loads(m.body)["client_id"] for m in drain(broker_url, TICKS)] == ["ACME"]
+    assert [json.loads(m.body)["client_id"] for m in drain(memory_url, TICKS)] == ["ACME"]
 
 
 def test_tick_loop_honours_each_clients_interval_and_a_restart_does_not_tick_again(
-    broker_url: str, tmp_path: Path
+    memory_url: str, tmp_path: Path
 ) -> None:
-    declare(broker_url)
+    declare(memory_url)
     store = open_state(f"sqlite:///{tmp_path / 'state.sqlite'}")
-    publisher = Publisher(broker_url)
+    publisher = Publisher(memory_url)
     start = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
     now = [start]
 
@@ -166,7 +165,7 @@ def test_tick_loop_honours_each_clients_interval_and_a_restart_does_not_tick_aga
         published = run_loop(
             publisher, targets, 5, schedule=Schedule(store), wait=wait_until(60), clock=clock
         )
-        ticks = [json.loads(m.body) for m in drain(broker_url, TICKS)]
+        ticks = [json.loads(m.body) for m in drain(memory_url, TICKS)]
         # Wakes at 0, 5, ..., 55 s: ACME every 10 s, BETA every 30 s.
         assert Counter(t["client_id"] for t in ticks) == {"ACME": 6, "BETA": 2}
         assert published == 8
@@ -179,11 +178,11 @@ def test_tick_loop_honours_each_clients_interval_and_a_restart_does_not_tick_aga
         run_loop(
             publisher, targets, 5, schedule=Schedule(store), wait=wait_until(57), clock=clock
         )
-        assert drain(broker_url, TICKS) == []
+        assert drain(memory_url, TICKS) == []
         # ... and ticking carries on once they are due (ACME at 60 s, BETA at 60 s).
         now[0] = start + timedelta(seconds=62)
         run_loop(publisher, targets, 5, schedule=Schedule(store), wait=wait_until(0), clock=clock)
-        assert sorted(json.loads(m.body)["client_id"] for m in drain(broker_url, TICKS)) == [
+        assert sorted(json.loads(m.body)["client_id"] for m in drain(memory_url, TICKS)) == [
             "ACME",
             "BETA",
         ]
@@ -192,6 +191,7 @@ def test_tick_loop_honours_each_clients_interval_and_a_restart_does_not_tick_aga
         store.close()
 
 
+@pytest.mark.broker
 def test_tick_loop_runs_until_sigterm_then_exits_0(broker_url: str, tmp_path: Path) -> None:
     path = clients_file(tmp_path, {"FAST": 10, "SLOW": 3600})
     env = {**os.environ, **env_for(broker_url, tmp_path, path)}
@@ -231,22 +231,22 @@ def test_load_targets_needs_no_api_key(tmp_path: Path) -> None:
     ],
 )
 def test_publish_refuses_a_bad_event_naming_the_field(
-    broker_url: str, tmp_path: Path, event: dict[str, Any], named: str
+    memory_url: str, tmp_path: Path, event: dict[str, Any], named: str
 ) -> None:
-    declare(broker_url)
+    declare(memory_url)
     source = tmp_path / "event.json"
     source.write_text(json.dumps(event))
-    env = env_for(broker_url, tmp_path, tmp_path / "no-clients.yaml")
+    env = env_for(memory_url, tmp_path, tmp_path / "no-clients.yaml")
     result = cli(env, "publish", str(source))
     assert result.exit_code == 2
     assert "refused, nothing published" in result.stderr
     assert named in result.stderr
-    assert depth(broker_url, "cscart.shipment-lodged") == 0
-    assert depth(broker_url, "fm.orders.imported") == 0
+    assert depth(memory_url, "cscart.shipment-lodged") == 0
+    assert depth(memory_url, "fm.orders.imported") == 0
 
 
-def test_publish_refuses_what_is_not_json_or_not_there(broker_url: str, tmp_path: Path) -> None:
-    env = env_for(broker_url, tmp_path, tmp_path / "no-clients.yaml")
+def test_publish_refuses_what_is_not_json_or_not_there(memory_url: str, tmp_path: Path) -> None:
+    env = env_for(memory_url, tmp_path, tmp_path / "no-clients.yaml")
     result = cli(env, "publish", "-", stdin="{not json")
     assert result.exit_code == 2
     assert "not JSON" in result.stderr
@@ -255,15 +255,15 @@ def test_publish_refuses_what_is_not_json_or_not_there(broker_url: str, tmp_path
     assert "cannot read" in result.stderr
 
 
-def test_publish_sends_a_good_event_where_the_contract_says(broker_url: str, tmp_path: Path) -> None:
-    env = env_for(broker_url, tmp_path, tmp_path / "no-clients.yaml")
+def test_publish_sends_a_good_event_where_the_contract_says(memory_url: str, tmp_path: Path) -> None:
+    env = env_for(memory_url, tmp_path, tmp_path / "no-clients.yaml")
     source = tmp_path / "shipment.json"
     raw = json.dumps(shipment_event("P2"), indent=2) + "\n"
     source.write_text(raw)
     result = cli(env, "publish", str(source))
     assert result.exit_code == 0, result.output
     assert "to fm.events / shipment.lodged: confirmed" in result.stdout
-    [message] = drain(broker_url, "cscart.shipment-lodged")
+    [message] = drain(memory_url, "cscart.shipment-lodged")
     assert raw_body(message) == raw.strip().encode()  # as written, validated
     assert_contract_properties(message, shipment_event("P2"), "shipment.lodged/1")
 
@@ -278,6 +278,6 @@ def test_publish_sends_a_good_event_where_the_contract_says(broker_url: str, tmp
         "routing_key": "order.imported",
         "confirmed": True,
     }
-    [message] = drain(broker_url, "fm.orders.imported")
+    [message] = drain(memory_url, "fm.orders.imported")
     assert_contract_properties(message, order, "order.imported/1")
     assert "jane@example.com" not in result.output  # nothing personal echoed

@@ -1,4 +1,5 @@
-"""The consumer runtime on a real RabbitMQ: retries, dead letters, crashes, SIGTERM."""
+"""The consumer runtime on a real RabbitMQ: retries, dead letters, crashes, SIGTERM (every
+test here but the in-process broker's is in the broker tier: it takes ``broker_url``)."""
 
 from __future__ import annotations
 
@@ -28,8 +29,6 @@ from .support.broker import (
     shipment_event,
     wait_for,
 )
-
-pytestmark = pytest.mark.broker
 
 WORK = "cscart.shipment-lodged"
 DLQ = "cscart.shipment-lodged.dlq"
@@ -243,8 +242,8 @@ def test_a_handler_slower_than_the_heartbeat_keeps_its_connection(broker_url: st
 
 
 @pytest.mark.skipif(os.environ.get("CSCART_FM_SKIP_MEMORY") == "1", reason="asked to skip")
-def test_the_runtime_also_runs_on_the_in_process_broker() -> None:
-    url = f"memory://runtime-test-{time.monotonic_ns()}"
+def test_the_runtime_also_runs_on_the_in_process_broker(memory_url: str) -> None:
+    url = memory_url
     declare(url)
     handler = Recorder({"M2": [NotFound("order 9 not found")]})
     with running(handler, url, heartbeat=0):

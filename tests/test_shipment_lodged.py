@@ -1,5 +1,6 @@
-"""The tracking push (shipment-lodged consumer) on a real RabbitMQ, the CS-Cart store emulator
-and the state store (SQLite, and PostgreSQL where the state is what is tested)."""
+"""The tracking push (shipment-lodged consumer) with the CS-Cart store emulator and the state
+store (SQLite, and PostgreSQL where the state is what is tested): on kombu's in-process broker
+for the rules, on a real RabbitMQ where retries, dead letters or a kill -9 are."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from consumers.registry import JOBS
 from consumers.shipment_lodged.handler import (
     allocate,
     carrier_code,
@@ -23,7 +25,7 @@ from consumers.shipment_lodged.handler import (
 from cscart_emulator import Fault, StoreEmulator
 from cscart_fm.cli.wiring import Services
 from cscart_fm.core import metrics
-from cscart_fm.core.errors import StoreMismatch
+from cscart_fm.core.errors import RateLimited, StoreMismatch, StoreUnreachable
 from cscart_fm.core.events import parse_event
 from schemas.cscart import CartOrder
 
@@ -34,6 +36,7 @@ from .support.pipeline import (
     cli_env,
     client_doc,
     consumer,
+    deliver,
     make_services,
     start_cli,
     write_clients_file,
@@ -222,15 +225,14 @@ def test_an_exact_sku_match_wins_over_a_case_insensitive_one() -> None:
 # --- the pipeline ---------------------------------------------------------------------------
 
 
-@pytest.mark.broker
 def test_full_shipment_creates_the_shipment_and_sets_the_shipped_status(
-    broker_url: str, sqlite_url: str, emu: StoreEmulator
+    memory_url: str, sqlite_url: str, emu: StoreEmulator
 ) -> None:
     oid = add_order(emu, 1000012, ("Test001", 2), ("Test002", 1))
     pushed = count(metrics.SHIPMENTS_PUSHED, "ACME")
     updates = count(metrics.ORDER_STATUS_UPDATES, "ACME", "shipped")
     outcomes = Outcomes()
-    with pipeline(broker_url, sqlite_url, emu):
+    with pipeline(memory_url, sqlite_url, emu):
         # No cart_order_id: the order id is order_no less the client's prefix "CS".
         body = event(
             oid,
@@ -238,7 +240,7 @@ def test_full_shipment_creates_the_shipment_and_sets_the_shipped_status(
             lines=[{"sku": "Test001", "quantity": 2}, {"sku": "Test002", "quantity": 1}],
         )
         del body["cart_order_id"]
-        publish(broker_url, body)
+        publish(memory_url, body)
         outcomes.wait(ok=1)
     [shipment] = emu.shipments_for(oid)
     first, second = item_ids(emu, oid)
@@ -272,9 +274,8 @@ def test_full_shipment_creates_the_shipment_and_sets_the_shipped_status(
     assert outcomes["dead_letter"] == 0
 
 
-@pytest.mark.broker
 def test_partial_then_final_consignment_set_the_partially_shipped_then_the_shipped_status_by_name(
-    broker_url: str, sqlite_url: str, emu: StoreEmulator
+    memory_url: str, sqlite_url: str, emu: StoreEmulator
 ) -> None:
     emu.add_status("A", "Partially shipped", inventory="D")
     oid = add_order(emu, 1000020, ("Test001", 2), ("Test003", 1))
@@ -287,9 +288,9 @@ def test_partial_then_final_consignment_set_the_partially_shipped_then_the_shipp
         },
     )
     outcomes = Outcomes()
-    with pipeline(broker_url, sqlite_url, emu, doc):
+    with pipeline(memory_url, sqlite_url, emu, doc):
         publish(
-            broker_url,
+            memory_url,
             event(
                 oid,
                 "P-1",
@@ -300,7 +301,7 @@ def test_partial_then_final_consignment_set_the_partially_shipped_then_the_shipp
         outcomes.wait(ok=1)
         [partial] = emu.shipments_for(oid)
         assert emu.orders[oid].status == "A"
-        publish(broker_url, event(oid, "P-2", lines=[{"sku": "Test003", "quantity": 1}]))
+        publish(memory_url, event(oid, "P-2", lines=[{"sku": "Test003", "quantity": 1}]))
         outcomes.wait(ok=2)
     first, second = item_ids(emu, oid)
     assert partial["products"] == {first: "2"}  # only what the consignment carries
@@ -310,9 +311,8 @@ def test_partial_then_final_consignment_set_the_partially_shipped_then_the_shipp
     assert all(post["notify_user"] is True for post in posts(emu))
 
 
-@pytest.mark.broker
 def test_with_neither_status_set_the_status_is_left_alone(
-    broker_url: str, sqlite_url: str, emu: StoreEmulator
+    memory_url: str, sqlite_url: str, emu: StoreEmulator
 ) -> None:
     full = add_order(emu, 1000030)
     partial = add_order(emu, 1000031, ("Test001", 2), ("Test002", 1))
@@ -322,10 +322,10 @@ def test_with_neither_status_set_the_status_is_left_alone(
     # Only shipped_status set, and the order has a backorder: "otherwise" → left alone too.
     only_shipped = client_doc(emu.url, client_id="BETA", tracking={"shipped_status": "C"})
     outcomes = Outcomes()
-    with pipeline(broker_url, sqlite_url, emu, neither, only_shipped):
-        publish(broker_url, event(full, "N-1"))
+    with pipeline(memory_url, sqlite_url, emu, neither, only_shipped):
+        publish(memory_url, event(full, "N-1"))
         publish(
-            broker_url,
+            memory_url,
             event(
                 partial, "N-2", client_id="BETA", backordered=[{"sku": "Test002", "quantity": 1}]
             ),
@@ -340,24 +340,22 @@ def test_with_neither_status_set_the_status_is_left_alone(
     assert (state["N-1"]["status_kind"], state["N-1"]["status_done"]) == ("none", True)
 
 
-@pytest.mark.broker
 def test_tracking_number_off_creates_no_shipment(
-    broker_url: str, sqlite_url: str, emu: StoreEmulator
+    memory_url: str, sqlite_url: str, emu: StoreEmulator
 ) -> None:
     oid = add_order(emu, 1000040)
     doc = client_doc(emu.url, tracking={"update_tracking_number": False})
     outcomes = Outcomes()
-    with pipeline(broker_url, sqlite_url, emu, doc):
-        publish(broker_url, event(oid, "OFF-1"))
+    with pipeline(memory_url, sqlite_url, emu, doc):
+        publish(memory_url, event(oid, "OFF-1"))
         outcomes.wait(ok=1)
     assert emu.shipments_for(oid) == []
     assert emu.count("shipments.create") == 0
     assert emu.orders[oid].status == "C"  # the status follows its own settings
 
 
-@pytest.mark.broker
 def test_tracking_url_goes_to_the_carrier_link_or_the_comments_only_when_on(
-    broker_url: str, sqlite_url: str, emu: StoreEmulator
+    memory_url: str, sqlite_url: str, emu: StoreEmulator
 ) -> None:
     url_on = client_doc(emu.url, tracking={"update_tracking_url": True})
     url_off = client_doc(emu.url, client_id="BETA", tracking={"update_tracking_url": False})
@@ -371,10 +369,10 @@ def test_tracking_url_goes_to_the_carrier_link_or_the_comments_only_when_on(
     for oid in cases:
         add_order(emu, oid)
     outcomes = Outcomes()
-    with pipeline(broker_url, sqlite_url, emu, url_on, url_off):
+    with pipeline(memory_url, sqlite_url, emu, url_on, url_off):
         for oid, (client, carrier, url) in cases.items():
             publish(
-                broker_url,
+                memory_url,
                 event(oid, f"U-{oid}", client_id=client, carrier=carrier, tracking_url=url),
             )
         outcomes.wait(ok=4)
@@ -393,20 +391,19 @@ def test_tracking_url_goes_to_the_carrier_link_or_the_comments_only_when_on(
     assert "aramex.com" not in json.dumps(shipments[1000054])
 
 
-@pytest.mark.broker
 @pytest.mark.postgres
 def test_the_same_event_twice_creates_one_shipment(
-    broker_url: str, state_url: str, emu: StoreEmulator
+    memory_url: str, state_url: str, emu: StoreEmulator
 ) -> None:
     oid = add_order(emu, 1000060)
     emu.set_fault("orders.get", Fault(latency=0.3))  # the two copies overlap in time
     already = count(metrics.SHIPMENTS_ALREADY_PUSHED, "ACME")
     outcomes = Outcomes()
-    with pipeline(broker_url, state_url, emu, concurrency=4):
-        publish(broker_url, event(oid, "D-1"))
-        publish(broker_url, event(oid, "D-1", event_id="evt-D-1-resent"))  # at the same time
+    with pipeline(memory_url, state_url, emu, concurrency=4):
+        publish(memory_url, event(oid, "D-1"))
+        publish(memory_url, event(oid, "D-1", event_id="evt-D-1-resent"))  # at the same time
         outcomes.wait(ok=2)
-        publish(broker_url, event(oid, "D-1"))  # and once more, long after
+        publish(memory_url, event(oid, "D-1"))  # and once more, long after
         outcomes.wait(ok=3)
     assert len(emu.shipments_for(oid)) == 1
     assert emu.count("shipments.create") == 1
@@ -419,11 +416,19 @@ def test_the_same_event_twice_creates_one_shipment(
     assert outcomes["dead_letter"] == 0 and outcomes["retry"] == 0
 
 
-@pytest.mark.broker
-@pytest.mark.parametrize("applied", [True, False], ids=["applied", "not-applied"])
+@pytest.mark.parametrize(
+    "applied",
+    [
+        pytest.param(True, id="applied"),
+        pytest.param(False, id="not-applied", marks=pytest.mark.broker),
+    ],
+)
 def test_a_post_that_times_out_is_read_back_before_any_retry(
-    broker_url: str, sqlite_url: str, emu: StoreEmulator, applied: bool
+    request: pytest.FixtureRequest, sqlite_url: str, emu: StoreEmulator, applied: bool
 ) -> None:
+    # Applied, nothing is retried: the in-process broker will do. Not applied, the message
+    # waits in its retry queue, which only RabbitMQ gives back.
+    broker_url: str = request.getfixturevalue("memory_url" if applied else "broker_url")
     oid = add_order(emu, 1000070)
     doc = client_doc(emu.url, limits={"read_timeout": 1})
     emu.set_fault(
@@ -511,25 +516,24 @@ def test_kill_9_mid_message_then_a_restart_gives_one_shipment_and_the_status(
     assert "jane@example.com" not in text
 
 
-@pytest.mark.broker
 def test_events_that_do_not_match_the_store_are_dead_lettered_with_a_reason(
-    broker_url: str, sqlite_url: str, emu: StoreEmulator
+    bus_url: str, sqlite_url: str, emu: StoreEmulator
 ) -> None:
     oid = add_order(emu, 1000090, ("Test001", 2))
     other = add_order(emu, 1000091)
     beta = client_doc(emu.url, client_id="BETA", tracking={"shipped_status": "Dispatched"})
     failures = count(metrics.SHIPMENT_FAILURES, "ACME", "store-mismatch")
     outcomes = Outcomes()
-    with pipeline(broker_url, sqlite_url, emu, client_doc(emu.url), beta):
-        publish(broker_url, event(1000099, "X-order"))
-        publish(broker_url, event(oid, "X-sku", lines=[{"sku": "Test009", "quantity": 1}]))
-        publish(broker_url, event(oid, "X-qty", lines=[{"sku": "Test001", "quantity": 3}]))
+    with pipeline(bus_url, sqlite_url, emu, client_doc(emu.url), beta):
+        publish(bus_url, event(1000099, "X-order"))
+        publish(bus_url, event(oid, "X-sku", lines=[{"sku": "Test009", "quantity": 1}]))
+        publish(bus_url, event(oid, "X-qty", lines=[{"sku": "Test001", "quantity": 3}]))
         no_prefix = event(oid, "X-prefix", order_no=f"XY{oid}")
         del no_prefix["cart_order_id"]
-        publish(broker_url, no_prefix)
-        publish(broker_url, event(other, "X-status", client_id="BETA"))
+        publish(bus_url, no_prefix)
+        publish(bus_url, event(other, "X-status", client_id="BETA"))
         outcomes.wait(dead_letter=5)
-    dead = dead_letters(broker_url)
+    dead = dead_letters(bus_url)
     assert dead["X-order"]["cscart-error-type"] == "not-found"
     assert dead["X-order"]["cscart-reason"] == (
         "order 1000099 (CS1000099) is not in the store "
@@ -612,16 +616,71 @@ def test_a_store_down_or_rate_limiting_is_retried_and_the_shipment_applied_once(
     assert len(read_backs) == 1
 
 
-@pytest.mark.broker
+def test_each_attempt_after_a_transient_failure_does_only_what_is_left(
+    memory_url: str, sqlite_url: str, emu: StoreEmulator
+) -> None:
+    """The rules the retries above rest on, with the handler called directly, one call per
+    attempt (the retry delays are the broker tier's): a 503 reading the order, a 429 on the
+    POST and a timed-out POST that the read-back finds not applied are retryable and leave
+    nothing in the store; after a failed status update, the next attempt sets the status
+    only, without a read-back or a POST."""
+    down, limited, lost, status_fails = (add_order(emu, n) for n in range(1000130, 1000134))
+    doc = client_doc(emu.url, limits={"read_timeout": 1})
+    services = make_services(memory_url, sqlite_url, [doc])
+    handler = JOBS.named(CONSUMER).build(services)
+
+    def attempt(oid: int, ref: str, n: int) -> None:
+        deliver(handler, event(oid, ref), n)
+
+    try:
+        emu.set_fault("orders.get", Fault(error_rate=1.0, error_status=503))
+        with pytest.raises(StoreUnreachable):
+            attempt(down, "A-503", 1)
+        emu.set_fault("orders.get", None)
+        attempt(down, "A-503", 2)
+
+        emu.set_fault("shipments.create", Fault(rate_limit_next=1, retry_after=1))
+        with pytest.raises(RateLimited):
+            attempt(limited, "A-429", 1)
+        assert emu.shipments_for(limited) == []
+        attempt(limited, "A-429", 2)
+
+        emu.set_fault(
+            "shipments.create", Fault(timeout_rate=1.0, timeout_applies=False, hang_seconds=2)
+        )
+        with pytest.raises(StoreUnreachable, match="so it was not created"):
+            attempt(lost, "A-lost", 1)
+        # Logged once answered, after its hang: the 4th POST (A-503's, A-429's two, this one).
+        wait_for(lambda: emu.count("shipments.create") == 4, timeout=15)
+        emu.set_fault("shipments.create", None)
+        assert emu.shipments_for(lost) == []
+        attempt(lost, "A-lost", 2)
+
+        emu.set_fault("orders.update", Fault(error_rate=1.0, error_status=503))
+        with pytest.raises(StoreUnreachable):
+            attempt(status_fails, "A-status", 1)
+        assert len(emu.shipments_for(status_fails)) == 1
+        assert emu.orders[status_fails].status == "P"
+        emu.set_fault("orders.update", None)
+        emu.clear_log()
+        attempt(status_fails, "A-status", 2)
+        assert emu.count("shipments.list") == 0 and emu.count("shipments.create") == 0
+    finally:
+        services.close()
+    for oid in (down, limited, lost, status_fails):
+        assert len(emu.shipments_for(oid)) == 1
+        assert emu.orders[oid].status == "C"
+
+
 def test_the_same_sku_on_two_items_is_allocated_without_over_shipping(
-    broker_url: str, sqlite_url: str, emu: StoreEmulator
+    bus_url: str, sqlite_url: str, emu: StoreEmulator
 ) -> None:
     oid = add_order(emu, 1000110, ("Test001", 2), ("Test001", 3))
     first, second = item_ids(emu, oid)
     outcomes = Outcomes()
-    with pipeline(broker_url, sqlite_url, emu):
+    with pipeline(bus_url, sqlite_url, emu):
         publish(
-            broker_url,
+            bus_url,
             event(
                 oid,
                 "S-1",
@@ -630,36 +689,35 @@ def test_the_same_sku_on_two_items_is_allocated_without_over_shipping(
             ),
         )
         outcomes.wait(ok=1)
-        publish(broker_url, event(oid, "S-2", lines=[{"sku": "Test001", "quantity": 2}]))
+        publish(bus_url, event(oid, "S-2", lines=[{"sku": "Test001", "quantity": 2}]))
         outcomes.wait(dead_letter=1)
         # A SKU in another case still finds the item that has one left.
-        publish(broker_url, event(oid, "S-3", lines=[{"sku": "test001", "quantity": 1}]))
+        publish(bus_url, event(oid, "S-3", lines=[{"sku": "test001", "quantity": 1}]))
         outcomes.wait(ok=2)
     assert [s["products"] for s in emu.shipments_for(oid)] == [
         {first: "2", second: "2"},
         {second: "1"},
     ]
-    dead = dead_letters(broker_url)
+    dead = dead_letters(bus_url)
     assert dead["S-2"]["cscart-reason"] == (
         f"ships 2 × Test001 but order {oid} (CS{oid}) has 1 left to ship "
         "(ordered 5, already shipped 4)"
     )
 
 
-@pytest.mark.broker
 def test_a_late_partial_consignment_never_moves_a_shipped_order_back(
-    broker_url: str, sqlite_url: str, emu: StoreEmulator
+    memory_url: str, sqlite_url: str, emu: StoreEmulator
 ) -> None:
     emu.add_status("A", "Partially shipped", inventory="D")
     oid = add_order(emu, 1000120, ("Test001", 2), ("Test003", 1))
     doc = client_doc(emu.url, tracking={"shipped_status": "C", "partially_shipped_status": "A"})
     outcomes = Outcomes()
-    with pipeline(broker_url, sqlite_url, emu, doc):
+    with pipeline(memory_url, sqlite_url, emu, doc):
         # FM's final consignment arrives first, its earlier partial one second.
-        publish(broker_url, event(oid, "L-2", lines=[{"sku": "Test003", "quantity": 1}]))
+        publish(memory_url, event(oid, "L-2", lines=[{"sku": "Test003", "quantity": 1}]))
         outcomes.wait(ok=1)
         publish(
-            broker_url,
+            memory_url,
             event(
                 oid,
                 "L-1",

@@ -1,5 +1,6 @@
-"""The stock-snapshot consumer end to end: real RabbitMQ, the CS-Cart store emulator, the state
-store (SQLite, and PostgreSQL where state matters), and `cscart-fm run` for the crash test.
+"""The stock-snapshot consumer end to end: the CS-Cart store emulator, the state store (SQLite,
+and PostgreSQL where state matters), kombu's in-process broker for the rules, and a real
+RabbitMQ where a retry, two replicas or `cscart-fm run` killed mid-snapshot is what is tested.
 
 Store calls are counted from the emulator's request log, never timed."""
 
@@ -32,6 +33,7 @@ from consumers.stock_snapshot.handler import (
 from cscart_emulator import Fault, StoreEmulator
 from cscart_fm.cli.wiring import Services, open_state
 from cscart_fm.core import metrics
+from cscart_fm.core.errors import StoreUnreachable
 from cscart_fm.core.events import parse_event
 from cscart_fm.core.runtime import Delivery
 from cscart_fm.core.state import StateStore
@@ -45,13 +47,12 @@ from .support.pipeline import (
     cli_env,
     client_doc,
     consumer,
+    deliver,
     make_services,
     start_cli,
     write_clients_file,
 )
 from .support.stock_store import sku_of, store_in_child
-
-pytestmark = pytest.mark.broker
 
 QUEUE = "cscart.stock-snapshot"
 DLQ = "cscart.stock-snapshot.dlq"
@@ -188,14 +189,14 @@ def test_target_quantities_per_setting_last_duplicate_wins(
 
 @pytest.mark.parametrize(("mode", "expected"), [("on_hand", (25, 3)), ("available", (20, 1))])
 def test_pushes_on_hand_or_available_as_the_client_chose(
-    broker_url: str, sqlite_url: str, mode: str, expected: tuple[int, int]
+    memory_url: str, sqlite_url: str, mode: str, expected: tuple[int, int]
 ) -> None:
     with store() as emu:
         emu.add_product("Test001", 0)
         emu.add_product("Test002", 0)
-        with pipeline(broker_url, sqlite_url, emu, quantity=mode) as services:
+        with pipeline(memory_url, sqlite_url, emu, quantity=mode) as services:
             found = apply(
-                broker_url,
+                memory_url,
                 services,
                 snapshot(
                     [
@@ -212,29 +213,29 @@ def test_pushes_on_hand_or_available_as_the_client_chose(
 
 @pytest.mark.parametrize(("negative_as_zero", "expected"), [(True, 0), (False, -2)])
 def test_negative_available_is_pushed_as_zero_only_when_asked(
-    broker_url: str, sqlite_url: str, negative_as_zero: bool, expected: int
+    memory_url: str, sqlite_url: str, negative_as_zero: bool, expected: int
 ) -> None:
     with store() as emu:
         emu.add_product("Test002", 7)
         emu.add_product("Test003", 7)
         with pipeline(
-            broker_url, sqlite_url, emu, quantity="available", negative_as_zero=negative_as_zero
+            memory_url, sqlite_url, emu, quantity="available", negative_as_zero=negative_as_zero
         ) as services:
-            apply(broker_url, services, snapshot([item("Test002", 3, -2), item("Test003", 5, 4)]))
+            apply(memory_url, services, snapshot([item("Test002", 3, -2), item("Test003", 5, 4)]))
         assert amount(emu, "Test002") == expected
         assert amount(emu, "Test003") == 4
 
 
 def test_update_stock_off_acknowledges_counts_and_writes_nothing(
-    broker_url: str, sqlite_url: str
+    memory_url: str, sqlite_url: str
 ) -> None:
     with store() as emu:
         emu.add_product("Test001", 7)
         ignored = metric(metrics.STOCK_SNAPSHOTS_IGNORED)
-        with pipeline(broker_url, sqlite_url, emu, update_stock=False) as services:
-            event_id = send(broker_url, snapshot([item("Test001", 25)]))
+        with pipeline(memory_url, sqlite_url, emu, update_stock=False) as services:
+            event_id = send(memory_url, snapshot([item("Test001", 25)]))
             wait_for(lambda: metric(metrics.STOCK_SNAPSHOTS_IGNORED) == ignored + 1)
-            wait_for(lambda: depth(broker_url, QUEUE) == 0)
+            wait_for(lambda: depth(memory_url, QUEUE) == 0)
             with services.state.engine.connect() as conn:
                 reports = conn.execute(
                     sa.select(stock_reports).where(stock_reports.c.event_id == event_id)
@@ -242,25 +243,25 @@ def test_update_stock_off_acknowledges_counts_and_writes_nothing(
         assert emu.requests == []  # not a read, not a write
         assert amount(emu, "Test001") == 7
         assert reports == []
-        assert depth(broker_url, DLQ) == 0
+        assert depth(memory_url, DLQ) == 0
 
 
-def test_unchanged_quantities_are_not_written(broker_url: str, sqlite_url: str) -> None:
+def test_unchanged_quantities_are_not_written(memory_url: str, sqlite_url: str) -> None:
     with store() as emu:
         for n in range(1, 6):
             emu.add_product(f"SKU-{n}", 10)
         items = [item(f"SKU-{n}", 10) for n in range(1, 6)]
         items[1] = item("SKU-2", 4)
         before = metric(metrics.STOCK_UNCHANGED)
-        with pipeline(broker_url, sqlite_url, emu) as services:
-            first = apply(broker_url, services, snapshot(items, T1))
+        with pipeline(memory_url, sqlite_url, emu) as services:
+            first = apply(memory_url, services, snapshot(items, T1))
             assert product_puts(emu) == Counter({emu.product_by_code("SKU-2")["product_id"]: 1})  # type: ignore[index]
             assert (first["written"], first["unchanged"]) == (1, 4)
             # The same quantities again (a later snapshot, then a redelivered copy of it):
             emu.clear_log()
             body = snapshot(items, T2)
-            second = apply(broker_url, services, body)
-            again = apply(broker_url, services, body)  # equal taken_at: proceeds, idempotent
+            second = apply(memory_url, services, body)
+            again = apply(memory_url, services, body)  # equal taken_at: proceeds, idempotent
         assert product_puts(emu) == Counter()
         assert (second["written"], second["unchanged"], second["stale"]) == (0, 5, 0)
         assert (again["written"], again["unchanged"], again["stale"]) == (0, 5, 0)
@@ -272,16 +273,16 @@ def test_unchanged_quantities_are_not_written(broker_url: str, sqlite_url: str) 
 
 @pytest.mark.postgres
 def test_an_older_snapshot_after_a_newer_one_leaves_the_newer(
-    broker_url: str, state_url: str
+    memory_url: str, state_url: str
 ) -> None:
     with store() as emu:
         a = emu.add_product("A", 0)
         emu.add_product("B", 0)
         stale_before = metric(metrics.STOCK_STALE)
-        with pipeline(broker_url, state_url, emu) as services:
-            apply(broker_url, services, snapshot([item("A", 5)], T2))
+        with pipeline(memory_url, state_url, emu) as services:
+            apply(memory_url, services, snapshot([item("A", 5)], T2))
             # Late: taken an hour earlier. A was set since; B was not.
-            late = apply(broker_url, services, snapshot([item("A", 9), item("B", 9)], T1))
+            late = apply(memory_url, services, snapshot([item("A", 9), item("B", 9)], T1))
         assert amount(emu, "A") == 5
         assert amount(emu, "B") == 9
         assert product_puts(emu)[a] == 1
@@ -290,18 +291,19 @@ def test_an_older_snapshot_after_a_newer_one_leaves_the_newer(
 
 
 @pytest.mark.postgres
-def test_snapshots_in_order_apply_each_in_turn(broker_url: str, state_url: str) -> None:
+def test_snapshots_in_order_apply_each_in_turn(memory_url: str, state_url: str) -> None:
     with store() as emu:
         a = emu.add_product("A", 0)
-        with pipeline(broker_url, state_url, emu) as services:
-            apply(broker_url, services, snapshot([item("A", 9)], T1))
+        with pipeline(memory_url, state_url, emu) as services:
+            apply(memory_url, services, snapshot([item("A", 9)], T1))
             assert amount(emu, "A") == 9
-            later = apply(broker_url, services, snapshot([item("A", 5)], T2))
+            later = apply(memory_url, services, snapshot([item("A", 5)], T2))
         assert amount(emu, "A") == 5
         assert product_puts(emu)[a] == 2
         assert later["stale"] == 0
 
 
+@pytest.mark.broker
 @pytest.mark.postgres
 def test_two_replicas_never_let_an_older_snapshot_win(broker_url: str, state_url: str) -> None:
     """Two consumers on one queue take an older and a newer snapshot at the same time: the
@@ -336,7 +338,7 @@ def test_two_replicas_never_let_an_older_snapshot_win(broker_url: str, state_url
 
 
 def test_unknown_and_untracked_skus_are_reported_and_the_rest_applied(
-    broker_url: str, sqlite_url: str
+    memory_url: str, sqlite_url: str
 ) -> None:
     with store() as emu:
         emu.add_product("Test001", 1)
@@ -344,9 +346,9 @@ def test_unknown_and_untracked_skus_are_reported_and_the_rest_applied(
         emu.add_product("Test003", 1)
         unknown_before = metric(metrics.STOCK_UNKNOWN_SKUS)
         untracked_before = metric(metrics.STOCK_UNTRACKED)
-        with pipeline(broker_url, sqlite_url, emu) as services, capture_logs() as logs:
+        with pipeline(memory_url, sqlite_url, emu) as services, capture_logs() as logs:
             found = apply(
-                broker_url,
+                memory_url,
                 services,
                 snapshot(
                     [item("Test001", 8), item("NOT-IN-STORE", 4), item("GIFT-CARD", 3),
@@ -364,19 +366,19 @@ def test_unknown_and_untracked_skus_are_reported_and_the_rest_applied(
         assert summary["unknown_skus"] == ["NOT-IN-STORE"]
         assert summary["untracked_skus"] == ["GIFT-CARD"]
         assert (summary["written"], summary["unknown"], summary["untracked"]) == (2, 1, 1)
-        assert depth(broker_url, DLQ) == 0  # reported, not dead-lettered
+        assert depth(memory_url, DLQ) == 0  # reported, not dead-lettered
 
 
-def test_variation_skus_are_products_of_their_own(broker_url: str, sqlite_url: str) -> None:
+def test_variation_skus_are_products_of_their_own(memory_url: str, sqlite_url: str) -> None:
     with store((4, 18)) as emu:
         parent = emu.add_product("NPF-TEE", 0, tracking="D")
         black_m = emu.add_product(
             "NPF-TEE-BLK-M", 12, product_type="V", parent_product_id=parent
         )
         black_l = emu.add_product("NPF-TEE-BLK-L", 7, product_type="V", parent_product_id=parent)
-        with pipeline(broker_url, sqlite_url, emu) as services:
+        with pipeline(memory_url, sqlite_url, emu) as services:
             found = apply(
-                broker_url,
+                memory_url,
                 services,
                 snapshot(
                     [item("NPF-TEE-BLK-M", 3), item("NPF-TEE-BLK-L", 7), item("NPF-TEE", 10)]
@@ -390,7 +392,7 @@ def test_variation_skus_are_products_of_their_own(broker_url: str, sqlite_url: s
 
 
 @pytest.mark.postgres
-def test_option_combination_skus_on_an_old_store(broker_url: str, state_url: str) -> None:
+def test_option_combination_skus_on_an_old_store(memory_url: str, state_url: str) -> None:
     with store((4, 9)) as emu:
         emu.add_product("Test001", 1)
         tee = emu.add_product("NPF-TEE", 0, tracking="O")
@@ -398,9 +400,9 @@ def test_option_combination_skus_on_an_old_store(broker_url: str, state_url: str
         large = emu.add_combination(tee, "NPF-TEE-BLK-L", 7, {"1": "1", "2": "6"})
         cap = emu.add_product("NPF-CAP", 0, tracking="O")
         red = emu.add_combination(cap, "NPF-CAP-RED", 0, {"3": "1"})
-        with pipeline(broker_url, state_url, emu) as services:
+        with pipeline(memory_url, state_url, emu) as services:
             first = apply(
-                broker_url,
+                memory_url,
                 services,
                 snapshot(
                     [
@@ -435,7 +437,7 @@ def test_option_combination_skus_on_an_old_store(broker_url: str, state_url: str
             emu.clear_log()
             extra = emu.add_combination(tee, "NPF-TEE-BLK-XL", 0, {"1": "1", "2": "7"})
             second = apply(
-                broker_url,
+                memory_url,
                 services,
                 snapshot(
                     [item("NPF-TEE-BLK-M", 4), item("NPF-TEE-BLK-L", 1), item("NPF-TEE-BLK-XL", 5)],
@@ -454,7 +456,7 @@ def test_option_combination_skus_on_an_old_store(broker_url: str, state_url: str
 
 
 def test_a_large_snapshot_costs_its_pages_plus_the_changed_skus(
-    broker_url: str, sqlite_url: str
+    memory_url: str, sqlite_url: str
 ) -> None:
     catalogue = 2000
     with store() as emu:
@@ -464,11 +466,11 @@ def test_a_large_snapshot_costs_its_pages_plus_the_changed_skus(
         items = [item(f"NPF-{n:05d}", 10) for n in range(catalogue)]
         items = [item(i["sku"], 11) if i["sku"] in changed else i for i in items]
         pages = math.ceil(catalogue / MIN_LISTING_PAGE)
-        with pipeline(broker_url, sqlite_url, emu) as services:
-            found = apply(broker_url, services, snapshot(items, T1))
+        with pipeline(memory_url, sqlite_url, emu) as services:
+            found = apply(memory_url, services, snapshot(items, T1))
             first = Counter(r.endpoint for r in emu.requests)
             emu.clear_log()
-            apply(broker_url, services, snapshot(items, T2))  # nothing differs now
+            apply(memory_url, services, snapshot(items, T2))  # nothing differs now
             second = Counter(r.endpoint for r in emu.requests)
         assert first == Counter({"products.list": pages, "products.update": len(changed)})
         assert sum(first.values()) == pages + 20 == 28
@@ -478,15 +480,15 @@ def test_a_large_snapshot_costs_its_pages_plus_the_changed_skus(
 
 
 def test_a_small_snapshot_looks_its_codes_up_instead_of_reading_the_catalogue(
-    broker_url: str, sqlite_url: str
+    memory_url: str, sqlite_url: str
 ) -> None:
     with store() as emu:
         for n in range(600):
             emu.add_product(f"NPF-{n:05d}", 10)
         unknown_before = metric(metrics.STOCK_UNKNOWN_SKUS)
-        with pipeline(broker_url, sqlite_url, emu) as services:
+        with pipeline(memory_url, sqlite_url, emu) as services:
             found = apply(
-                broker_url,
+                memory_url,
                 services,
                 snapshot(
                     [
@@ -537,6 +539,7 @@ def test_memory_does_not_grow_with_the_catalogue(tmp_path: Path) -> None:
 # --- failures ------------------------------------------------------------------------------------
 
 
+@pytest.mark.broker
 @pytest.mark.postgres
 def test_a_5xx_burst_mid_snapshot_resumes_without_rewriting(
     broker_url: str, state_url: str
@@ -576,6 +579,42 @@ def test_a_5xx_burst_mid_snapshot_resumes_without_rewriting(
         assert depth(broker_url, DLQ) == 0
 
 
+def test_an_attempt_after_a_5xx_burst_writes_only_what_is_left(
+    memory_url: str, sqlite_url: str
+) -> None:
+    """The rule the retry above rests on, with the handler called directly, one call per
+    attempt: what the failed attempt wrote is not written again."""
+    skus = [f"F-{n:02d}" for n in range(30)]
+    with store() as emu:
+        for sku in skus:
+            emu.add_product(sku, 0)
+        emu.set_fault("products.update", Fault(latency=0.02))
+        services = make_services(memory_url, sqlite_url, [client_doc(emu.url)])
+        handler = StockSnapshotHandler(services)
+        body = snapshot([item(sku, 5) for sku in skus])
+
+        def break_the_store() -> None:
+            wait_for(lambda: emu.count("products.update") >= 6, timeout=30, interval=0.002)
+            emu.set_fault("products.update", Fault(error_rate=1.0, error_status=503))
+
+        saboteur = threading.Thread(target=break_the_store, daemon=True)
+        saboteur.start()
+        try:
+            with pytest.raises(StoreUnreachable):
+                deliver(handler, body, 1)
+            saboteur.join(timeout=5)
+            emu.clear_faults()
+            deliver(handler, body, 2)
+            found = report(services.state, body["event_id"])
+        finally:
+            services.close()
+        assert all(amount(emu, sku) == 5 for sku in skus)
+        assert set(product_puts(emu).values()) == {1}  # nothing written twice
+        assert found["attempt"] == 2
+        assert 0 < found["written"] < len(skus)  # the second attempt wrote only the rest
+
+
+@pytest.mark.broker
 @pytest.mark.postgres
 def test_kill_9_mid_snapshot_ends_with_the_right_quantities(
     broker_url: str, state_url: str, tmp_path: Path

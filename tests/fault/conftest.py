@@ -18,6 +18,15 @@ from tests.support.pipeline import API_KEY
 from .harness import Artefacts, LeakRegistry, PrivateBroker, _rabbit_bin
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test of this directory is in the fault tier (``-m fault``; ``./dev test`` runs it
+    only under CI=true): minutes of kill -9 and broker restarts, not what a change needs."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in item.path.parents:
+            item.add_marker(pytest.mark.fault)
+
+
 @pytest.fixture(scope="session")
 def private_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateBroker]:
     need("rabbitmq-server (the suite restarts a RabbitMQ node of its own)",

@@ -119,3 +119,84 @@ def running(
     finally:
         runtime.stop()
         thread.join(timeout=30)
+
+
+# --- one vhost per test module, emptied before each test -------------------------------------
+
+RESET_DELAYS: tuple[int, ...] = tuple(sorted({1, 2, 30, *topology.DEFAULT_RETRY_DELAYS}))
+"""Retry delays whose queues ``reset`` deletes even if no test in this process declared
+them: `cscart-fm run` processes declare theirs out of sight of ``record_declarations``."""
+
+_declared: dict[str, tuple[set[str], set[str]]] = {}  # vhost → (queues, exchanges)
+
+
+def _vhost_of(url: str) -> str:
+    return url.rsplit("/", 1)[1] if url.count("/") > 2 else "/"
+
+
+def record_declarations() -> Callable[[], None]:
+    """Note every queue and exchange this process declares, per vhost, so that ``reset``
+    also deletes those no topology names (a test's own queue, a toy job's). Returns the
+    undo. py-amqp is where kombu's and the runtime's declarations all pass."""
+    import amqp
+
+    queue_declare, exchange_declare = amqp.Channel.queue_declare, amqp.Channel.exchange_declare
+
+    def note(channel: Any, kind: int, name: str) -> None:
+        if name:
+            vhost = channel.connection.virtual_host
+            _declared.setdefault(vhost, (set(), set()))[kind].add(name)
+
+    def on_queue(self: Any, queue: str = "", passive: bool = False, *a: Any, **kw: Any) -> Any:
+        if not passive:
+            note(self, 0, queue)
+        return queue_declare(self, queue, passive, *a, **kw)
+
+    def on_exchange(
+        self: Any, exchange: str, type: str, passive: bool = False, *a: Any, **kw: Any
+    ) -> Any:
+        if not passive:
+            note(self, 1, exchange)
+        return exchange_declare(self, exchange, type, passive, *a, **kw)
+
+    amqp.Channel.queue_declare = on_queue  # type: ignore[method-assign]
+    amqp.Channel.exchange_declare = on_exchange  # type: ignore[method-assign]
+
+    def undo() -> None:
+        amqp.Channel.queue_declare = queue_declare  # type: ignore[method-assign]
+        amqp.Channel.exchange_declare = exchange_declare  # type: ignore[method-assign]
+
+    return undo
+
+
+def known_names(url: str) -> tuple[set[str], set[str]]:
+    """The queues and exchanges ``reset`` deletes on ``url``'s vhost."""
+    queues = {queue.name for queue in JOBS.topology(RESET_DELAYS).queues()}
+    exchanges = {exchange.name for exchange in topology.EXCHANGES}
+    seen_queues, seen_exchanges = _declared.get(_vhost_of(url), (set(), set()))
+    return queues | seen_queues, exchanges | seen_exchanges
+
+
+def reset(url: str) -> None:
+    """Empty a test vhost over AMQP: delete every queue and exchange a test may have made,
+    messages and bindings with them. What a fresh vhost gave each test (a rabbitmqctl
+    add_vhost + delete_vhost costs over a second), for a few tens of milliseconds.
+    RabbitMQ deletes a queue that is not there without complaint."""
+    queues, exchanges = known_names(url)
+    with Connection(url, connect_timeout=10) as conn:
+        channel = conn.channel()
+        for name in sorted(queues):
+            channel.queue_delete(name)
+        for name in sorted(exchanges - {""}):
+            if not name.startswith("amq."):  # the broker's own: not to be deleted
+                channel.exchange_delete(name)
+
+
+def reset_memory() -> None:
+    """Empty kombu's memory:// broker, whose queues, exchanges and bindings are one state
+    for the whole process whatever the URL says after ``memory://``."""
+    from kombu.transport import memory
+
+    memory.Transport.global_state.clear()
+    memory.Channel.queues.clear()
+    memory.Channel.events.clear()

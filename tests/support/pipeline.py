@@ -22,7 +22,8 @@ from cscart_fm.cli.wiring import middleware, open_state
 from cscart_fm.core.broker import Publisher
 from cscart_fm.core.clients import parse_clients
 from cscart_fm.core.config import Environment
-from cscart_fm.core.runtime import ConsumerRuntime
+from cscart_fm.core.events import parse_event
+from cscart_fm.core.runtime import ConsumerRuntime, Delivery, Handler
 
 from .broker import drain, running
 
@@ -106,6 +107,16 @@ def consumer(
     with running(job.build(services), services.env.broker_url, job=job,
                  delays=services.env.retry_delays, **options) as runtime:
         yield runtime
+
+
+def deliver(
+    handler: Handler[Any], body: dict[str, Any], attempt: int = 1, *, redelivered: bool = False
+) -> None:
+    """``body`` handed to a job's handler directly, validated as the runtime does: one call
+    is one attempt (a retry's is 2, 3, ...). For rules that need no broker at all; an error
+    the handler raises is the one the runtime would retry or dead-letter on."""
+    message_id = str(body.get("event_id", ""))
+    handler.handle(parse_event(body), Delivery(message_id, attempt, redelivered))
 
 
 def imported_orders(broker_url: str) -> list[dict[str, Any]]:
