@@ -25,9 +25,7 @@ import sqlalchemy as sa
 import yaml
 
 from cscart_fm.cli.wiring import open_state
-from cscart_fm.core.state import StateStore
-from cscart_fm.support import dead_letters as dl
-from cscart_fm.support.console import audit
+from cscart_fm.core.state import StateStore, UtcDateTime
 from cscart_fm.support.console.auth import (
     ConsoleSettingsError,
     LoginThrottle,
@@ -36,6 +34,11 @@ from cscart_fm.support.console.auth import (
     User,
     load_accounts,
 )
+from cscart_fm.support.dead_letters import audit
+from cscart_fm.support.dead_letters import store as dl
+from cscart_fm.support.dead_letters.audit import Actor
+from cscart_fm.support.dead_letters.collect import collect, record_of
+from cscart_fm.support.dead_letters.desk import MAX_BULK
 
 from .support.broker import shipment_event, wait_for
 from .support.console_helpers import (
@@ -45,6 +48,7 @@ from .support.console_helpers import (
     login,
     make_console,
     post,
+    runtime_headers,
     served,
     store_letter,
     write_users,
@@ -225,13 +229,18 @@ def test_wrong_password_is_refused_audited_and_throttled(store: StateStore, tmp_
 
 def test_throttle_and_sessions_expire() -> None:
     now = [1000.0]
-    throttle = LoginThrottle(per_name=2, per_address=3, window=60, clock=lambda: now[0])
-    throttle.failed("ann", "10.0.0.1")
-    assert throttle.wait("ann", "10.0.0.1") == 0
-    throttle.failed("ANN", "10.0.0.2")
-    assert throttle.wait("ann", "10.0.0.9") == pytest.approx(60)
+    throttle = LoginThrottle(per_pair=2, per_address=3, per_name=3, name_pace=10, window=60,
+                             clock=lambda: now[0])
+    assert throttle.begin("ann", "10.0.0.1") == 0
+    assert throttle.begin("ANN", "10.0.0.1") == 0
+    assert throttle.begin("ann", "10.0.0.1") == pytest.approx(60)  # this pair waits
+    assert throttle.begin("ann", "10.0.0.2") == 0  # the same name elsewhere does not
+    # Three failures for the name from anywhere: slowed to one try every 10 s, not locked.
+    assert throttle.begin("ann", "10.0.0.9") == pytest.approx(10)
+    now[0] += 10
+    assert throttle.begin("ann", "10.0.0.9") == 0
     now[0] += 61
-    assert throttle.wait("ann", "10.0.0.9") == 0
+    assert throttle.begin("ann", "10.0.0.1") == 0
 
     sessions = Sessions(idle=10, maximum=30, clock=lambda: now[0])
     session = sessions.create(User("ann", "viewer"))
@@ -665,14 +674,99 @@ def test_a_replay_the_broker_does_not_take_stays_open_and_says_so(
 
 
 def test_the_list_says_when_the_broker_cannot_be_reached(store: StateStore, tmp_path: Path) -> None:
-    from cscart_fm.support.dead_letters import collect
-
     store_letter(store, shipment_event("OFF-1"))
     console = make_console(store, tmp_path, collect=collect)  # broker at 127.0.0.1:1: refused
     with served(console) as base:
         page = login(base, "victor").get(base + "/letters", timeout=30).text
     assert "Could not collect new dead letters" in page and "showing what is stored" in page
     assert "OFF-1" not in page and "not-found" in page  # the stored one is listed
+
+
+def test_a_filtered_replay_takes_at_most_the_desks_cap_from_the_console_and_the_cli(
+    store: StateStore, sqlite_url: str, tmp_path: Path
+) -> None:
+    """The cap is the desk's: the console's confirmation and ``dlq replay --dry-run`` take the
+    same oldest ones and say the same about the rest."""
+    with store.transaction() as conn:
+        for n in range(MAX_BULK + 1):
+            body = json.dumps(shipment_event(f"CAP{n:03}")).encode()
+            row = record_of("shipment-lodged", body, runtime_headers(), {"message_id": f"e{n}"})
+            assert store.insert_ignore(conn, dl.dead_letters, row)
+    oldest = dl.find_ids(store, dl.Filter(), limit=MAX_BULK)
+    rest = (
+        f"1 more match: at most {MAX_BULK} are replayed at once (oldest first); "
+        "replay again afterwards for the rest."
+    )
+    replayer = RecordingReplayer(store)
+    with served(make_console(store, tmp_path, replayer=replayer)) as base:
+        http = login(base, "olivia")
+        ask = post(
+            http, base, "/letters/replay", {"client": "ACME"}, csrf_from="/letters?client=ACME"
+        )
+        assert ask.status_code == 200 and rest in ask.text
+        ids = re.search(r'name="ids" value="([^"]+)"', ask.text).group(1)  # type: ignore[union-attr]
+        assert ids == ",".join(map(str, oldest))
+    env = {
+        "CSCART_FM_STATE_URL": sqlite_url,
+        "CSCART_FM_BROKER_URL": "amqp://guest:guest@127.0.0.1:1//",
+        "CSCART_FM_CLIENTS": "/nonexistent/clients.yaml",
+    }
+    dry = cli(env, "dlq", "replay", "--client", "ACME", "--dry-run", "--no-collect")
+    assert dry.exit_code == 0, dry.output
+    assert f"{MAX_BULK} dead letter(s) would be replayed." in dry.stdout and rest in dry.stdout
+    as_json = cli(env, "dlq", "replay", "--all", "--dry-run", "--no-collect", "--json")
+    assert json.loads(as_json.stdout) == {"would_replay": oldest}
+    assert replayer.calls == []
+
+
+def test_an_audit_log_from_before_the_command_line_was_audited_is_migrated(
+    state_url: str,
+) -> None:
+    """The table as the console alone wrote it (no ``via``): opening the store adds the
+    column, its rows came from the console, and opening it again changes nothing."""
+    before = sa.Table(
+        "console_audit",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("at", UtcDateTime(), nullable=False),
+        sa.Column("who", sa.String(200), nullable=False),
+        sa.Column("role", sa.String(16), nullable=False),
+        sa.Column("action", sa.String(32), nullable=False),
+        sa.Column("letter_id", sa.Integer, nullable=True),
+        sa.Column("target", sa.Text, nullable=False),
+        sa.Column("reason", sa.Text, nullable=True),
+        sa.Column("result", sa.Text, nullable=False),
+        sa.Column("remote_addr", sa.String(64), nullable=True),
+    )
+    engine = sa.create_engine(state_url)
+    with engine.begin() as conn:
+        before.create(conn)
+        conn.execute(
+            before.insert().values(
+                at=datetime(2026, 11, 23, 4, tzinfo=UTC),
+                who="olivia",
+                role="operator",
+                action="discard",
+                letter_id=7,
+                target="dead letter 7",
+                result="discarded",
+                remote_addr="10.0.0.5",
+            )
+        )
+    engine.dispose()
+    for _ in range(2):
+        store = open_state(state_url)
+        try:
+            audit.start(store, Actor("alice"), action="discard", target="x", result="discarded")
+            entries = audit.page(store)[0]
+        finally:
+            store.close()
+    assert [(e.who, e.via) for e in entries] == [
+        ("alice", "cli"),
+        ("alice", "cli"),
+        ("olivia", "console"),
+    ]
+    assert entries[-1].remote_addr == "10.0.0.5"
 
 
 # --- the dead-letter page in plain words -----------------------------------------------------------
@@ -720,7 +814,7 @@ def test_a_dead_letter_page_says_what_happened_what_to_do_and_its_history(
 
 
 def test_overview_per_client(state_url: str, tmp_path: Path) -> None:
-    from consumers.order_poll import handler as op
+    from consumers.order_poll import tables as op
     from consumers.shipment_lodged.handler import pushed_shipments
     from consumers.stock_snapshot.handler import stock_reports
     from cscart_fm.core.clients import parse_clients
@@ -949,7 +1043,7 @@ def test_console_runs_on_the_real_broker_and_replays_through_it(
     """Collected from the .dlq queue when the page lists it; replayed with confirms; resolved
     by the consumer's success hook."""
     from cscart_fm.core.errors import NotFound
-    from cscart_fm.support.dead_letters import DeadLetterResolver
+    from cscart_fm.support.dead_letters.resolve import DeadLetterResolver
 
     from .support.broker import declare, depth, publish_json, running
     from .support.dlq_handlers import Planned
@@ -962,7 +1056,7 @@ def test_console_runs_on_the_real_broker_and_replays_through_it(
         tmp_path,
         broker_url=broker_url,
         retry_delays=(1,),
-        collect=dl.collect,
+        collect=collect,
         collect_interval=0,
     )
     try:

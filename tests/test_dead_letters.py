@@ -7,8 +7,11 @@ then works through ``cscart-fm dlq``.
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -32,10 +35,17 @@ from cscart_fm.core.errors import (
 )
 from cscart_fm.core.events import parse_event
 from cscart_fm.core.state import StateStore
-from cscart_fm.support import dead_letters as dl
-from cscart_fm.support.dead_letters import DeadLetterResolver, Filter, collect, find
+from cscart_fm.support.dead_letters import audit
+from cscart_fm.support.dead_letters import store as dl
+from cscart_fm.support.dead_letters.collect import collect, record_of
+from cscart_fm.support.dead_letters.desk import REASON_REQUIRED, os_user
+from cscart_fm.support.dead_letters.masking import mask_payload
+from cscart_fm.support.dead_letters.replay import replay
+from cscart_fm.support.dead_letters.resolve import DeadLetterResolver, key_of_document
+from cscart_fm.support.dead_letters.store import Filter, find
 
 from .support.broker import declare, depth, publish_json, running, shipment_event, wait_for
+from .support.console_helpers import login, make_console, post, served
 from .support.dlq_handlers import (
     Planned,
     StockChecker,
@@ -45,7 +55,7 @@ from .support.dlq_handlers import (
     order_imported_body,
     stock_event,
 )
-from .support.pipeline import client_doc, make_services
+from .support.pipeline import API_KEY, KEY_ENV, client_doc, make_services, write_clients_file
 
 pytestmark = [pytest.mark.broker, pytest.mark.postgres]
 
@@ -65,12 +75,19 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'state.sqlite'}"
 
 
+CLIENTS_FILE = Path(tempfile.gettempdir()) / "cscart-fm-test-support-clients.yaml"
+
+
 def support_env(broker_url: str, state_url: str) -> dict[str, str]:
+    """Support's environment. Support works without a clients file, but shows a dead
+    letter's headers only with one (its API keys are what it masks them with)."""
+    write_clients_file(CLIENTS_FILE, [client_doc("http://127.0.0.1:9")])
     return {
         "CSCART_FM_BROKER_URL": broker_url,
         "CSCART_FM_STATE_URL": state_url,
         "CSCART_FM_RETRY_DELAYS": "1",
-        "CSCART_FM_CLIENTS": "/nonexistent/clients.yaml",  # support needs no clients file
+        "CSCART_FM_CLIENTS": str(CLIENTS_FILE),
+        KEY_ENV: API_KEY,
     }
 
 
@@ -386,7 +403,7 @@ def test_replay_under_a_broker_restart_loses_nothing_and_doubles_nothing(
                 restart_broker_connections()  # the next replays meet a dropped connection
             time.sleep(0.01)
 
-        report = dl.replay(store, publisher, letters, on_replayed=slow_and_interrupted)
+        report = replay(store, publisher, letters, on_replayed=slow_and_interrupted)
         publisher.close()
         assert report.failed == {}
         assert len(report.replayed) == count
@@ -488,6 +505,124 @@ def test_dlq_commands_work_on_what_is_stored_when_the_broker_is_unreachable(
     assert missing.exit_code == 2 and "no dead letter 999" in missing.stderr
 
 
+# --- one desk for the command line and the console ------------------------------------------------
+
+
+def test_cli_replays_and_discards_are_audited_and_on_the_consoles_audit_page(
+    broker_url: str, state_url: str, tmp_path: Path
+) -> None:
+    """``dlq replay`` and ``dlq discard`` go through the desk the console uses: each leaves
+    its audit row (who: ``--by`` or the OS user; from where: the command line), and the
+    console shows them with its own."""
+    declare(broker_url)
+    env = support_env(broker_url, state_url)
+    handler = Planned({ref: NotFound("orders.get: HTTP 404") for ref in ("AU1", "AU2")})
+    with running(handler, broker_url):
+        for ref in ("AU1", "AU2"):
+            publish_json(broker_url, shipment_event(ref), "shipment.lodged")
+        wait_for(lambda: depth(broker_url, DLQ) == 2)
+        by_ref = {row["message_id"]: row["id"] for row in dlq_json(env, "list")}
+        replayed, discarded = by_ref["evt-AU1"], by_ref["evt-AU2"]
+        handler.fix()
+        assert cli(env, "dlq", "replay", str(replayed)).exit_code == 0
+        wait_for(lambda: handler.created == {"AU1"})
+        result = cli(
+            env, "dlq", "discard", str(discarded), "--reason", "FM resent it as AU2b", "--by", "alice"
+        )
+        assert result.exit_code == 0, result.output
+
+    store = open_state(state_url)
+    try:
+        entries = {entry.action: entry for entry in audit.page(store)[0]}
+        assert set(entries) == {"replay", "discard"}
+        replay_entry, discard_entry = entries["replay"], entries["discard"]
+        assert (replay_entry.who, replay_entry.via, replay_entry.letter_id) == (
+            os_user(),
+            "cli",
+            replayed,
+        )
+        assert replay_entry.result == "replayed: confirmed by the broker"
+        assert "shipment-lodged, ACME, not-found, was open" in replay_entry.target
+        assert (discard_entry.who, discard_entry.via, discard_entry.letter_id) == (
+            "alice",
+            "cli",
+            discarded,
+        )
+        assert (discard_entry.reason, discard_entry.result) == ("FM resent it as AU2b", "discarded")
+        assert discard_entry.remote_addr is None
+
+        with served(make_console(store, tmp_path)) as base:
+            http = login(base, "victor")
+            page = http.get(base + "/audit", timeout=10).text
+            rows = re.findall(r'<tr class="audit-(\w+) via-(\w+)">(.*?)</tr>', page, re.S)
+            shown = {action: (via, text) for action, via, text in rows}
+            assert shown["replay"][0] == "cli" and shown["discard"][0] == "cli"
+            assert os_user() in shown["replay"][1]
+            assert "confirmed by the broker" in shown["replay"][1]
+            assert "alice" in shown["discard"][1] and "FM resent it as AU2b" in shown["discard"][1]
+            assert shown["login"][0] == "console"  # the viewer's own login, beside them
+            history = http.get(base + f"/letters/{discarded}", timeout=10).text
+            assert "Command line: alice — discard: discarded." in history
+    finally:
+        store.close()
+
+
+def test_the_cli_and_the_console_refuse_alike_in_the_same_words(
+    broker_url: str, sqlite_url: str, tmp_path: Path
+) -> None:
+    """A discard without a reason, and a replay or a discard of a resolved dead letter: both
+    front ends refuse them through the desk, with its message, and nothing changes."""
+    declare(broker_url)
+    env = support_env(broker_url, sqlite_url)
+    handler = Planned({ref: NotFound("orders.get: HTTP 404") for ref in ("SR1", "SR2")})
+    with running(handler, broker_url):
+        for ref in ("SR1", "SR2"):
+            publish_json(broker_url, shipment_event(ref), "shipment.lodged")
+        wait_for(lambda: depth(broker_url, DLQ) == 2)
+    by_ref = {row["message_id"]: row["id"] for row in dlq_json(env, "list")}
+    resolved, open_ = by_ref["evt-SR1"], by_ref["evt-SR2"]
+    store = open_state(sqlite_url)
+    try:
+        # FM resent SR1 and it went through: its dead letter is resolved.
+        DeadLetterResolver(store)(
+            "shipment-lodged", parse_event(json.dumps(shipment_event("SR1", event_id="evt-b")))
+        )
+        refusals = [
+            (
+                REASON_REQUIRED,
+                ("discard", str(open_), "--reason", "  "),
+                (f"/letters/{open_}/discard", {"reason": "  "}),
+            ),
+            (
+                f"Dead letter #{resolved} is resolved: nothing replayed.",
+                ("replay", str(resolved)),
+                (f"/letters/{resolved}/replay", {}),
+            ),
+            (
+                f"Dead letter #{resolved} is resolved: nothing discarded.",
+                ("discard", str(resolved), "--reason", "a duplicate"),
+                (f"/letters/{resolved}/discard", {"reason": "a duplicate"}),
+            ),
+        ]
+        with served(make_console(store, tmp_path)) as base:
+            http = login(base, "olivia")
+            for message, args, (path, form) in refusals:
+                from_cli = cli(env, "dlq", *args)
+                assert from_cli.exit_code == 2, from_cli.output
+                assert f"cscart-fm: {message}" in from_cli.stderr
+                page = path.rsplit("/", 1)[0]
+                answer = post(http, base, path, form, csrf_from=page)
+                assert answer.status_code == 303 and answer.headers["Location"] == page
+                assert html.escape(message) in http.get(base + page, timeout=10).text
+        assert dl.get(store, resolved).status == "resolved"  # type: ignore[union-attr]
+        letter = dl.get(store, open_)
+        assert letter is not None and (letter.status, letter.replay_count) == ("open", 0)
+        assert {entry.action for entry in audit.page(store)[0]} == {"login"}  # nothing done
+        assert depth(broker_url, WORK) == 0
+    finally:
+        store.close()
+
+
 # --- the storage itself (SQLite and PostgreSQL) ----------------------------------------------------
 
 
@@ -511,11 +646,11 @@ def test_storage_deduplicates_filters_and_resolves(state_url: str) -> None:
     store = open_state(state_url)
     body = json.dumps(shipment_event("Z1")).encode()
     props = {"message_id": "evt-Z1", "content_type": "application/json"}
-    first = dl.record_of("shipment-lodged", body, _runtime_headers(), props)
-    redelivered = dl.record_of(
+    first = record_of("shipment-lodged", body, _runtime_headers(), props)
+    redelivered = record_of(
         "shipment-lodged", body, {**_runtime_headers(), "x-delivery-count": 1}, props
     )
-    failed_again = dl.record_of(
+    failed_again = record_of(
         "shipment-lodged",
         body,
         _runtime_headers(**{"cscart-replay-count": 1, "cscart-replay-of": 1}),
@@ -529,7 +664,7 @@ def test_storage_deduplicates_filters_and_resolves(state_url: str) -> None:
         assert store.insert_ignore(conn, dl.dead_letters, first)
         assert not store.insert_ignore(conn, dl.dead_letters, redelivered)
         assert store.insert_ignore(conn, dl.dead_letters, failed_again)
-        other = dl.record_of(
+        other = record_of(
             "shipment-lodged",
             json.dumps(shipment_event("Z2", client_id="BETA")).encode(),
             _runtime_headers(
@@ -566,16 +701,16 @@ def test_storage_deduplicates_filters_and_resolves(state_url: str) -> None:
 
 def test_keys_and_masking() -> None:
     tick = {"type": "order-poll.tick", "version": 1, "event_id": "t1", "client_id": "ACME"}
-    assert dl.key_of_document(tick) == "order-poll:ACME"
-    assert dl.key_of_document(stock_event("s1", "X")) == "stock:ACME:s1"
-    assert dl.key_of_document(order_imported_body()) is None  # FM's message: no job reads it
-    assert dl.key_of_document({"type": "shipment.lodged", "client_id": "ACME"}) is None
-    assert dl.key_of_document(["not", "an", "object"]) is None
+    assert key_of_document(tick) == "order-poll:ACME"
+    assert key_of_document(stock_event("s1", "X")) == "stock:ACME:s1"
+    assert key_of_document(order_imported_body()) is None  # FM's message: no job reads it
+    assert key_of_document({"type": "shipment.lodged", "client_id": "ACME"}) is None
+    assert key_of_document(["not", "an", "object"]) is None
     event = parse_event(json.dumps(shipment_event(" S9 ")))
     key_of_event = JOBS.dead_letter_key_of_event("shipment-lodged", event)
-    assert key_of_event == dl.key_of_document(shipment_event("S9")) == "shipment:ACME:S9"
+    assert key_of_event == key_of_document(shipment_event("S9")) == "shipment:ACME:S9"
 
-    masked = dl.mask_payload(order_imported_body())
+    masked = mask_payload(order_imported_body())
     assert masked["customer"] == {"name": "J*** C***", "email": "j***@example.com", "phone": "***23"}
     assert masked["bill_to"]["address1"] == "***"
     assert masked["bill_to"]["postcode"] == "***"
@@ -677,7 +812,7 @@ class FlakyPublisher:
 def _stored(store: StateStore, *refs: str) -> list[dl.DeadLetter]:
     with store.transaction() as conn:
         for ref in refs:
-            row = dl.record_of(
+            row = record_of(
                 "shipment-lodged",
                 json.dumps(shipment_event(ref)).encode(),
                 _runtime_headers(**{"cscart-attempt": 3, "x-death": [{"queue": "q", "count": 1}]}),
@@ -697,7 +832,7 @@ def test_a_replay_waits_for_the_broker_and_never_marks_what_was_not_confirmed(
 
     # The broker comes back within the patience: replayed once, marked once.
     publisher = FlakyPublisher(down=3)
-    report = dl.replay(store, publisher, [first], patience=30, sleep=waited.append)  # type: ignore[arg-type]
+    report = replay(store, publisher, [first], patience=30, sleep=waited.append)  # type: ignore[arg-type]
     assert report.replayed == [first.id]
     assert waited == [0.5, 1.0, 2.0]  # backing off while the broker is away
     [(body, exchange, routing_key, props)] = publisher.published
@@ -712,7 +847,7 @@ def test_a_replay_waits_for_the_broker_and_never_marks_what_was_not_confirmed(
     assert dl.get(store, first.id).status == "replayed"  # type: ignore[union-attr]
 
     # The broker stays away: nothing is marked, the rest is not even tried.
-    report = dl.replay(store, FlakyPublisher(down=10**6), [second, first], patience=0.2)  # type: ignore[arg-type]
+    report = replay(store, FlakyPublisher(down=10**6), [second, first], patience=0.2)  # type: ignore[arg-type]
     assert report.replayed == [] and list(report.failed) == [second.id]
     assert "stays open" in report.failed[second.id]
     assert dl.get(store, second.id).status == "open"  # type: ignore[union-attr]

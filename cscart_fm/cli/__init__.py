@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 import threading
@@ -17,6 +18,7 @@ from consumers.registry import JOBS
 from cscart.client import CsCartClient
 from cscart_emulator import StoreEmulator, seed_demo_store
 from cscart_fm.cli.demo import run_demo
+from cscart_fm.cli.output import echo
 from cscart_fm.cli.support import register as register_support_commands
 from cscart_fm.cli.wiring import runtime_for, select_jobs, services_from_environment
 from cscart_fm.core.clients import load_clients
@@ -24,7 +26,7 @@ from cscart_fm.core.config import read_environment, redact_url
 from cscart_fm.core.errors import BridgeError, SettingsError
 from cscart_fm.core.observability import Health, configure_logging, serve_metrics
 from cscart_fm.core.runtime import run_until_stopped, stop_on_signals
-from cscart_fm.support.dead_letters import DeadLetterCollector
+from cscart_fm.support.dead_letters.collect import DeadLetterCollector
 from cscart_fm.support.explain import explain_order
 
 app = typer.Typer(
@@ -36,7 +38,7 @@ log = structlog.get_logger("cscart_fm")
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"cscart-fm: {message}", err=True)
+    echo(f"cscart-fm: {message}", err=True)
     return typer.Exit(code)
 
 
@@ -110,20 +112,20 @@ def topology_command(
     topology = JOBS.topology(env.retry_delays)
     rows = topology.describe()
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        echo(json.dumps(rows, indent=2))
     else:
         for row in rows:
             if row["kind"] == "exchange":
-                typer.echo(f"exchange  {row['name']:<36} {row['type']}")
+                echo(f"exchange  {row['name']:<36} {row['type']}")
             else:
                 keys = ", ".join(row["routing_keys"])
                 binding = f"{row['exchange']} / {keys}" if row["exchange"] else "-"
                 kind = row["arguments"].get("x-queue-type", "classic")
-                typer.echo(f"queue     {row['name']:<36} {kind:<8} {binding}")
+                echo(f"queue     {row['name']:<36} {kind:<8} {binding}")
     if declare:
         with Connection(env.broker_url, connect_timeout=10) as conn:
             names = topology.declare(conn)
-        typer.echo(f"declared {len(names)} queues on {redact_url(env.broker_url)}")
+        echo(f"declared {len(names)} queues on {redact_url(env.broker_url)}")
 
 
 @app.command()
@@ -141,8 +143,11 @@ def emulator(
     store = StoreEmulator(api_user=api_user, api_key=api_key, user_id=1, host=host, port=port)
     if seed_demo:
         seed_demo_store(store)
-    store.start()
-    typer.echo(f"CS-Cart store emulator on {store.url}/api (user {api_user}); Ctrl-C stops it")
+    try:
+        store.start()
+    except OSError as exc:
+        raise _fail(f"cannot listen on {host}:{port} ({exc.strerror or exc})", 1) from None
+    echo(f"CS-Cart store emulator on {store.url}/api (user {api_user}); Ctrl-C stops it")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -160,6 +165,8 @@ def check(
     """Check a client's connection: credentials, the administrator, the configured statuses."""
 
     env = read_environment()
+    # Its lines are the output: the store calls' own log lines only when something is wrong.
+    configure_logging("WARNING", env.log_format)
     try:
         clients = load_clients(env.clients_path)
         settings = clients.require(client_id)
@@ -170,15 +177,17 @@ def check(
     def line(ok: bool, text: str) -> None:
         nonlocal problems
         problems += 0 if ok else 1
-        typer.echo(f"  [{'ok' if ok else 'FAIL'}] {text}")
+        echo(f"  [{'ok' if ok else 'FAIL'}] {text}")
 
-    typer.echo(f"Checking client {client_id} at {settings.store_url}")
+    echo(f"Checking client {client_id} at {settings.store_url}")
     with CsCartClient.for_client(settings) as store:
         try:
             user = store.get_user(settings.user_id)
         except BridgeError as exc:
             line(False, f"credentials: {exc.reason}")
-            typer.echo(f"  what to do: {exc.action}")
+            # The action is written for a dead letter; a check has nothing to replay.
+            advice = re.sub(r",? then replay\.?$", ", then run this check again.", exc.action)
+            echo(f"  what to do: {advice}")
             raise typer.Exit(1) from None
         line(True, "credentials accepted by the store")
         line(
@@ -208,7 +217,7 @@ def check(
             if wanted:
                 letters, absent = statuses.resolve_all([wanted])
                 line(not absent, f"{label} {wanted!r} → {letters[0] if letters else 'missing'}")
-    typer.echo("All good." if not problems else f"{problems} problem(s) found.")
+    echo("All good." if not problems else f"{problems} problem(s) found.")
     raise typer.Exit(0 if not problems else 1)
 
 
@@ -241,7 +250,7 @@ def explain(
         raise _fail(str(exc)) from None
     finally:
         services.close()
-    typer.echo(text)
+    echo(text)
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import sys
@@ -13,6 +14,7 @@ import structlog
 import typer
 
 from consumers.services import Services
+from cscart_fm.cli.output import echo
 from cscart_fm.cli.wiring import open_state
 from cscart_fm.core.broker import Publisher
 from cscart_fm.core.clients import load_clients
@@ -33,8 +35,16 @@ console_app = typer.Typer(
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"cscart-fm console: {message}", err=True)
+    echo(f"cscart-fm console: {message}", err=True)
     return typer.Exit(code)
+
+
+def _is_public(host: str) -> bool:
+    """Anything but loopback is reached across a network: behind HTTPS, as it must be."""
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host != "localhost"
 
 
 @console_app.callback(invoke_without_command=True)
@@ -45,9 +55,13 @@ def console(
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on (0 = any free port).")] = 8090,
     secure_cookie: Annotated[
-        bool,
-        typer.Option(help="Mark the session cookie Secure (serve it behind HTTPS)."),
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--secure-cookie/--plain-http",
+            help="Whether browsers reach the console over HTTPS (a Secure session cookie, "
+            "HSTS). Default: yes, unless it listens on loopback only.",
+        ),
+    ] = None,
     origin: Annotated[
         list[str] | None,
         typer.Option(
@@ -105,7 +119,7 @@ def console(
         clients_error=clients_error,
         services=services,
         zone=zone,
-        secure_cookie=secure_cookie,
+        secure_cookie=_is_public(host) if secure_cookie is None else secure_cookie,
         origins=origin or (),
     )
     try:
@@ -115,7 +129,7 @@ def console(
     address = server.server_address
     bound_host = str(address[0]) if not isinstance(address[0], bytes) else address[0].decode()
     bound_port = int(address[1])
-    typer.echo(
+    echo(
         f"cscart-fm console on http://{bound_host}:{bound_port}/ ({user_summary(accounts)}); "
         "sessions live in this process and end when it stops",
     )
@@ -162,9 +176,9 @@ def hash_password_command(
         raise _fail(f"the password is too short: at least {MIN_PASSWORD} characters")
     hashed = hash_password(password)
     if name:
-        typer.echo(f'  - name: {name}\n    role: {role}\n    password_hash: "{hashed}"')
+        echo(f'  - name: {name}\n    role: {role}\n    password_hash: "{hashed}"')
     else:
-        typer.echo(hashed)
+        echo(hashed)
 
 
 def register(app: typer.Typer) -> None:

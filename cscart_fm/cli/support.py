@@ -8,10 +8,12 @@ store failed us, 2 what was asked is wrong (a bad event, an unknown client or id
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
 import threading
+from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from types import FrameType
@@ -22,31 +24,35 @@ import typer
 
 from consumers.registry import JOBS
 from cscart_fm.cli.console import register as register_console
+from cscart_fm.cli.output import echo
 from cscart_fm.cli.wiring import open_state
 from cscart_fm.core.broker import Publisher
+from cscart_fm.core.clients import load_clients
 from cscart_fm.core.config import Environment, read_environment, redact_url
 from cscart_fm.core.errors import InvalidMessage, SettingsError
-from cscart_fm.core.observability import configure_logging
+from cscart_fm.core.observability import configure_logging, register_secret
 from cscart_fm.core.state import StateStore
-from cscart_fm.support.dead_letters import (
-    DISCARDED,
+from cscart_fm.support.dead_letters.collect import DeadLetterCollector, collect
+from cscart_fm.support.dead_letters.desk import (
+    NOTHING_TO_DISCARD,
+    NOTHING_TO_REPLAY,
+    DeadLetterDesk,
+    Refused,
+    cli_actor,
+)
+from cscart_fm.support.dead_letters.replay import declare_topology
+from cscart_fm.support.dead_letters.store import (
     OPEN,
     REPLAYED,
-    RESOLVED,
     STATUSES,
     DeadLetter,
-    DeadLetterCollector,
     Filter,
-    collect,
     count,
-    declare_topology,
-    discard,
     find,
     get,
     iter_ids,
     stats,
 )
-from cscart_fm.support.dead_letters import replay as replay_letters
 from producers.publish import CannotRead, publish_event, read_source, validate
 from producers.tick import Schedule, load_targets, run_loop, tick_once
 
@@ -56,7 +62,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable JSON 
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"cscart-fm: {message}", err=True)
+    echo(f"cscart-fm: {message}", err=True)
     return typer.Exit(code)
 
 
@@ -86,7 +92,7 @@ def _environment(*, for_people: bool) -> Environment:
 
 
 def _print_json(value: Any) -> None:
-    typer.echo(json.dumps(value, indent=2, ensure_ascii=False, default=str))
+    echo(json.dumps(value, indent=2, ensure_ascii=False, default=str))
 
 
 # --- tick ------------------------------------------------------------------------------------
@@ -154,10 +160,10 @@ def tick(
                 )
             else:
                 for t in sent:
-                    typer.echo(f"ticked {t.client_id} (event_id {t.event_id})")
+                    echo(f"ticked {t.client_id} (event_id {t.event_id})")
                 skipped = len(targets) - len(sent)
                 if skipped:
-                    typer.echo(f"{skipped} client(s) not due yet")
+                    echo(f"{skipped} client(s) not due yet")
             return
         stop = threading.Event()
 
@@ -225,7 +231,7 @@ def publish(
     if as_json:
         _print_json(result)
     else:
-        typer.echo(
+        echo(
             f"published {event.schema_name} for client {event.client_id} "
             f"(event_id {event.event_id}) to {exchange} / {routing_key}: confirmed by the broker"
         )
@@ -236,7 +242,8 @@ def publish(
 dlq_app = typer.Typer(
     no_args_is_help=True,
     help="Dead letters: what failed, why, and what to do (list, show, replay, discard, stats). "
-    "Every command first collects new dead letters from the broker.",
+    "Every command first collects new dead letters from the broker. Replays and discards "
+    "follow the support console's rules and go to its audit log.",
 )
 
 ConsumerOption = Annotated[
@@ -275,25 +282,48 @@ def _open_store(env: Environment, *, required: bool = True) -> StateStore | None
         return None
 
 
-def _store_and_collect(no_collect: bool) -> tuple[Environment, StateStore]:
+def _secrets_known() -> bool:
+    """Whether every client's API key is registered for masking (the clients file read): a
+    dead letter's headers are shown only then (``DeadLetter.details``)."""
+    try:
+        clients = load_clients(read_environment().clients_path)
+    except SettingsError:
+        return False
+    for settings in clients.values():
+        register_secret(settings.api_key.get_secret_value())
+    return True
+
+
+def _open_desk(no_collect: bool) -> DeadLetterDesk:
+    """The dead-letter desk the console uses too, on the state store; it collects first."""
 
     env = _environment(for_people=True)
     store = _open_store(env)
     assert store is not None
-    if not no_collect:
-        try:
-            found = collect(store, env.broker_url)
-        except Exception as exc:
-            typer.echo(
-                f"warning: could not collect new dead letters from the broker at "
-                f"{redact_url(env.broker_url)} ({type(exc).__name__}: {exc}); "
-                "showing what is stored",
-                err=True,
-            )
-        else:
-            if found.total_new:
-                typer.echo(f"collected {found.total_new} new dead letter(s)", err=True)
-    return env, store
+    desk = DeadLetterDesk(
+        store,
+        env.broker_url,
+        retry_delays=env.retry_delays,
+        collect=None if no_collect else collect,
+        # A command is short: this one collection serves the desk's "collect first" for it.
+        collect_interval=math.inf,
+        collect_backoff=math.inf,
+    )
+    warning = desk.collect_first()
+    if warning:
+        echo(f"warning: {warning}", err=True)
+    elif desk.collected is not None and desk.collected.total_new:
+        echo(f"collected {desk.collected.total_new} new dead letter(s)", err=True)
+    return desk
+
+
+def _refused(refused: Refused, hints: dict[str, str]) -> typer.Exit:
+    """The desk's refusal, word for word as the console says it, and how to ask here."""
+    hint = hints.get(refused.kind)
+    return _fail(f"{refused.message} ({hint})" if hint else refused.message)
+
+
+_SELECT_HINT = "give ids, a filter (--client, --type, ...) or --all"
 
 
 def _when(text: str | None, option: str, *, end: bool) -> datetime | None:
@@ -415,31 +445,31 @@ def dlq_list(
         until=until,
         status=status,
     )
-    _, store = _store_and_collect(no_collect)
+    desk = _open_desk(no_collect)
     try:
-        letters = find(store, where, limit=limit, newest_first=True)
-        total = count(store, where)
+        letters = find(desk.store, where, limit=limit, newest_first=True)
+        total = count(desk.store, where)
     finally:
-        store.close()
+        desk.store.close()
     if as_json:
         _print_json([letter.summary() for letter in letters])
         return
     label = "/".join(where.statuses) if len(where.statuses) < 4 else "all"
     if not letters:
-        typer.echo(f"No {label} dead letters" + (" match." if where.narrows else "."))
+        echo(f"No {label} dead letters" + (" match." if where.narrows else "."))
         return
-    typer.echo(_table(LIST_HEADERS, _list_rows(letters)))
+    echo(_table(LIST_HEADERS, _list_rows(letters)))
     shown = f"{len(letters)} of {total}" if total > len(letters) else str(total)
-    typer.echo(f"\n{shown} {label} dead letter(s). Details and what to do: cscart-fm dlq show ID")
+    echo(f"\n{shown} {label} dead letter(s). Details and what to do: cscart-fm dlq show ID")
 
 
-def _show_text(letter: DeadLetter, reveal: bool) -> str:
-    details = letter.details(reveal=reveal)
+def _show_text(letter: DeadLetter, reveal: bool, secrets_known: bool) -> str:
+    details = letter.details(reveal=reveal, secrets_known=secrets_known)
     out = [f"Dead letter {letter.id}: {letter.status.upper()}", ""]
     out.append(f"What happened: {letter.what_happened}")
     out.append(f"  Error type: {letter.error_type}")
     out.append(f"  Reason: {details['reason']}")
-    out.append(f"What to do: {letter.action}")
+    out.append(f"What to do: {details['action']}")
     if letter.status in ("open", "replayed"):
         out.append(f"  Once fixed:  cscart-fm dlq replay {letter.id}")
         out.append(f'  If not needed: cscart-fm dlq discard {letter.id} --reason "why"')
@@ -454,8 +484,7 @@ def _show_text(letter: DeadLetter, reveal: bool) -> str:
         f"message_id {letter.message_id or '-'}, client {letter.client_id or '-'}"
     )
     out.append(
-        f"Goes to: {letter.original_exchange or '(default exchange)'} / "
-        f"{letter.original_routing_key} (where a replay sends it)"
+        f"Goes to: {letter.goes_to} (where a replay sends it)"
     )
     if letter.replay_count:
         out.append(
@@ -529,19 +558,19 @@ def dlq_show(
         [number] = list(iter_ids([letter_id]))
     except ValueError as exc:
         raise _fail(str(exc)) from None
-    _, store = _store_and_collect(no_collect)
+    desk = _open_desk(no_collect)
     try:
-        letter = get(store, number)
+        letter = get(desk.store, number)
     finally:
-        store.close()
+        desk.store.close()
     if letter is None:
         raise _fail(f"no dead letter {number} (cscart-fm dlq list --status all lists them)")
     if reveal:
         log.info("dead letter shown with personal data", dead_letter=number)
     if as_json:
-        _print_json(letter.details(reveal=reveal))
+        _print_json(letter.details(reveal=reveal, secrets_known=_secrets_known()))
     else:
-        typer.echo(_show_text(letter, reveal))
+        echo(_show_text(letter, reveal, _secrets_known()))
 
 
 @dlq_app.command("replay")
@@ -567,7 +596,8 @@ def dlq_replay(
     """Send dead letters back to their consumer: ids, a filter, or --all open ones.
 
     Each is republished to its original exchange and routing key and marked replayed only
-    once the broker confirmed it; it is resolved when the consumer then succeeds.
+    once the broker confirmed it; it is resolved when the consumer then succeeds. A filter
+    takes at most 500 at once, oldest first. Audited (the console's audit log shows it).
     """
 
     where = _filter(
@@ -579,62 +609,88 @@ def dlq_replay(
         until=until,
         status="all" if ids else OPEN,
     )
-    if not where.narrows and not all_:
-        raise _fail(
-            "say which dead letters to replay: ids, a filter (--client, --type, ...) or --all"
-        )
-    env, store = _store_and_collect(no_collect)
+    hints = {Refused.SETTLED: "add --force to replay anyway", Refused.UNSELECTED: _SELECT_HINT}
+    desk = _open_desk(no_collect)
     try:
-        letters = find(store, where)
-        if ids:
-            missing = sorted(set(where.ids) - {letter.id for letter in letters})
-            if missing:
-                raise _fail(f"no dead letter {', '.join(map(str, missing))}")
-            settled = [letter for letter in letters if letter.status in (DISCARDED, RESOLVED)]
-            if settled and not force:
-                described = ", ".join(f"{letter.id} is {letter.status}" for letter in settled)
-                raise _fail(f"{described}; add --force to replay anyway")
-            letters = [letter for letter in letters if force or letter.status in (OPEN, REPLAYED)]
-        if dry_run or not letters:
-            if as_json:
-                _print_json({"would_replay" if dry_run else "replayed": [x.id for x in letters]})
-            elif not letters:
-                typer.echo("Nothing to replay.")
+        try:
+            unreplayable: dict[int, str] = {}
+            if ids:
+                rows = desk.check_replay(where.ids, force=force, within=where)
+                chosen, more_text = [int(row["id"]) for row in rows], ""
             else:
-                typer.echo(_table(LIST_HEADERS, _list_rows(letters)))
-                typer.echo(f"\n{len(letters)} dead letter(s) would be replayed.")
+                selection = desk.select_replay(where, everything=all_)
+                chosen, more_text = selection.ids, selection.more_text
+                unreplayable = selection.unreplayable
+        except Refused as refused:
+            raise _refused(refused, hints) from None
+        if dry_run or not chosen:
+            if as_json:
+                _print_json({"would_replay" if dry_run else "replayed": chosen})
+            elif not chosen:
+                echo(NOTHING_TO_REPLAY)
+            else:
+                letters = find(desk.store, Filter(ids=chosen))
+                echo(_table(LIST_HEADERS, _list_rows(letters)))
+                echo(f"\n{len(chosen)} dead letter(s) would be replayed.")
+                for goes_to, n in Counter(letter.goes_to for letter in letters).items():
+                    echo(f"  to {goes_to}: {n}")
+                for letter_id, why in unreplayable.items():
+                    echo(f"  not dead letter {letter_id}: {why}")
+                if more_text:
+                    echo(more_text)
             return
-        declare_topology(env.broker_url, env.retry_delays)
-        publisher = Publisher(env.broker_url)
 
         def said(letter: DeadLetter) -> None:
             if not as_json:
-                typer.echo(
+                echo(
                     f"replayed {letter.id} ({letter.consumer}, {letter.client_id or '-'}, "
-                    f"{letter.error_type}) to {letter.original_exchange} / "
-                    f"{letter.original_routing_key}: confirmed"
+                    f"{letter.error_type}) to {letter.goes_to}: confirmed"
                 )
 
+        actor = cli_actor()
         try:
-            report = replay_letters(store, publisher, letters, on_replayed=said)
-        finally:
-            publisher.close()
+            if ids:
+                outcome = desk.replay(chosen, actor, force=force, within=where, on_replayed=said)
+            else:
+                outcome = desk.replay_selected(
+                    chosen, actor, description=where.describe(), on_replayed=said
+                )
+        except Refused as refused:
+            raise _refused(refused, hints) from None
     finally:
-        store.close()
-    not_tried = [x.id for x in letters if x.id not in report.replayed and x.id not in report.failed]
+        desk.store.close()
     if as_json:
-        _print_json({"replayed": report.replayed, "failed": report.failed, "not_tried": not_tried})
+        _print_json(
+            {
+                "replayed": outcome.replayed,
+                "failed": outcome.failed,
+                "not_tried": outcome.not_tried,
+                "skipped": outcome.skipped,
+                "refused": {**unreplayable, **outcome.refused},
+            }
+        )
     else:
-        typer.echo(f"{len(report.replayed)} replayed.")
-        for message in report.failed.values():
-            typer.echo(f"FAILED: {message}", err=True)
-        if not_tried:
-            typer.echo(
-                f"Not tried (the broker is not taking messages): {', '.join(map(str, not_tried))}."
-                " They are still open: replay them again later.",
+        echo(f"{len(outcome.replayed)} replayed.")
+        for message in outcome.failed.values():
+            echo(f"FAILED: {message}", err=True)
+        if outcome.skipped:
+            echo(
+                f"Skipped (discarded or resolved meanwhile): "
+                f"{', '.join(map(str, outcome.skipped))}.",
                 err=True,
             )
-    if report.failed:
+        for letter_id, why in {**unreplayable, **outcome.refused}.items():
+            echo(f"Not replayed: dead letter {letter_id}: {why}", err=True)
+        if outcome.not_tried:
+            echo(
+                "Not tried (the broker is not taking messages): "
+                f"{', '.join(map(str, outcome.not_tried))}."
+                " They stay as they were: replay them again later.",
+                err=True,
+            )
+        if more_text:
+            echo(more_text)
+    if outcome.failed:
         raise typer.Exit(1)
 
 
@@ -658,10 +714,20 @@ def dlq_discard(
     as_json: JsonOption = False,
     no_collect: NoCollectOption = False,
 ) -> None:
-    """Mark dead letters as not needing a replay, with the reason (kept for good)."""
+    """Mark dead letters as not needing a replay, with the reason (kept for good).
 
-    if not reason.strip():
-        raise _fail('--reason is required: say why, e.g. --reason "FM resent the shipment"')
+    Resolved and discarded ones are refused; a filter takes at most 500 at once (open and
+    replayed ones, oldest first). Audited (the console's audit log shows it).
+    """
+
+    hints = {
+        Refused.NO_REASON: '--reason is required, e.g. --reason "FM resent the shipment"',
+        Refused.UNSELECTED: _SELECT_HINT,
+    }
+    try:
+        said_why = DeadLetterDesk.reason(reason)
+    except Refused as refused:
+        raise _refused(refused, hints) from None
     where = _filter(
         ids=ids or (),
         consumer=consumer,
@@ -671,54 +737,75 @@ def dlq_discard(
         until=until,
         status="all" if ids else f"{OPEN},{REPLAYED}",
     )
-    if not where.narrows and not all_:
-        raise _fail(
-            "say which dead letters to discard: ids, a filter (--client, --type, ...) or --all"
-        )
-    who = by or os.environ.get("USER") or os.environ.get("LOGNAME") or "unknown"
-    _, store = _store_and_collect(no_collect)
+    actor = cli_actor(by)
+    more_text = ""
+    desk = _open_desk(no_collect)
     try:
-        letters = find(store, where)
-        if ids:
-            missing = sorted(set(where.ids) - {letter.id for letter in letters})
-            if missing:
-                raise _fail(f"no dead letter {', '.join(map(str, missing))}")
-        changed = discard(store, [x.id for x in letters], reason=reason, by=who)
+        try:
+            if ids:
+                outcome = desk.discard(where.ids, actor, said_why, within=where)
+            else:
+                selection = desk.select_discard(where, everything=all_)
+                more_text = selection.more_text
+                if not selection.ids:
+                    if as_json:
+                        _print_json(
+                            {"discarded": [], "unchanged": {}, "reason": said_why, "by": actor.who}
+                        )
+                    else:
+                        echo(NOTHING_TO_DISCARD)
+                    return
+                outcome = desk.discard_selected(
+                    selection.ids, actor, said_why, description=selection.description
+                )
+        except Refused as refused:
+            raise _refused(refused, hints) from None
     finally:
-        store.close()
-    unchanged = {x.id: x.status for x in letters if x.id not in changed}
+        desk.store.close()
     if as_json:
-        _print_json({"discarded": changed, "unchanged": unchanged, "reason": reason, "by": who})
+        _print_json(
+            {
+                "discarded": outcome.discarded,
+                "unchanged": outcome.unchanged,
+                "reason": outcome.reason,
+                "by": outcome.by,
+            }
+        )
         return
-    if changed:
-        typer.echo(f"discarded {', '.join(map(str, changed))} (by {who}): {reason.strip()}")
+    if outcome.discarded:
+        echo(
+            f"discarded {', '.join(map(str, outcome.discarded))} (by {outcome.by}): "
+            f"{outcome.reason}"
+        )
     else:
-        typer.echo("Nothing discarded.")
-    for letter_id, status in unchanged.items():
-        typer.echo(f"left {letter_id} as it is: already {status}")
+        echo("Nothing discarded.")
+    for letter_id, status in outcome.unchanged.items():
+        echo(f"left {letter_id} as it is: already {status}")
+    if more_text:
+        echo(more_text)
 
 
 @dlq_app.command("stats")
 def dlq_stats(as_json: JsonOption = False, no_collect: NoCollectOption = False) -> None:
     """Counts: by status, and open ones by consumer, error type and client."""
 
-    _, store = _store_and_collect(no_collect)
+    desk = _open_desk(no_collect)
     try:
-        numbers = stats(store)
+        numbers = stats(desk.store)
     finally:
-        store.close()
+        desk.store.close()
     if as_json:
         _print_json(numbers)
         return
-    typer.echo(
+    echo(
         "Dead letters: " + ", ".join(f"{n} {status}" for status, n in numbers["by_status"].items())
     )
     groups = numbers["open_by_consumer_and_type"]
     if not groups:
-        typer.echo("Nothing open.")
+        echo("Nothing open.")
         return
-    typer.echo("")
-    typer.echo(
+    echo("")
+    echo(
         _table(
             ("CONSUMER", "ERROR TYPE", "OPEN", "OLDEST (UTC)"),
             [
@@ -732,8 +819,8 @@ def dlq_stats(as_json: JsonOption = False, no_collect: NoCollectOption = False) 
             ],
         )
     )
-    typer.echo("")
-    typer.echo(
+    echo("")
+    echo(
         "Open by client: "
         + ", ".join(f"{client} {n}" for client, n in numbers["open_by_client"].items())
     )
@@ -768,7 +855,7 @@ def dlq_collect(
             if as_json:
                 _print_json({"new": found.new, "already_stored": found.already_stored})
             else:
-                typer.echo(f"collected {found.total_new} new dead letter(s)")
+                echo(f"collected {found.total_new} new dead letter(s)")
             return
         collector = DeadLetterCollector(store, env.broker_url, interval=every)
         stop = threading.Event()

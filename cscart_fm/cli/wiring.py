@@ -18,8 +18,9 @@ from cscart_fm.core.errors import SettingsError
 from cscart_fm.core.jobs import Job
 from cscart_fm.core.runtime import ClientFailures, ConsumerRuntime, Middleware, RuntimeOptions
 from cscart_fm.core.state import Component, StateStore
-from cscart_fm.support import dead_letters
-from cscart_fm.support.console import audit
+from cscart_fm.support.dead_letters import audit
+from cscart_fm.support.dead_letters import store as dead_letters
+from cscart_fm.support.dead_letters.resolve import DeadLetterResolver
 from producers import tick
 
 
@@ -59,7 +60,7 @@ def select_jobs(name: str) -> list[Job[Services]]:
 def middleware(job: Job[Services], services: Services) -> list[Middleware]:
     """What runs around every message of ``job``: its per-client failure count, and the
     resolution of dead letters with the same key once a message succeeds."""
-    around: list[Middleware] = [dead_letters.DeadLetterResolver(services.state, JOBS)]
+    around: list[Middleware] = [DeadLetterResolver(services.state, JOBS)]
     if job.failures is not None:
         around.insert(0, ClientFailures(job.failures, services.clients))
     return around

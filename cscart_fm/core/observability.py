@@ -21,7 +21,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 _SECRETS: set[str] = set()
 _SECRETS_LOCK = threading.Lock()
 _SECRET_KEYS = re.compile(r"(api_?key|password|passwd|secret|authorization|token)", re.I)
-_EMAIL = re.compile(r"([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*@([A-Za-z0-9.-]+\.[A-Za-z]{2,})")
+_EMAIL = re.compile(r"([\w.%+-])[\w.%+-]*@([\w-]+(?:\.[\w-]+)*)")
+"""An e-mail address, international ones and dotless hosts (``bob@localhost``) included."""
 
 
 def register_secret(value: str) -> None:
@@ -35,13 +36,18 @@ def mask_email(text: str) -> str:
     return _EMAIL.sub(lambda m: f"{m.group(1)}***@{m.group(2)}", text)
 
 
-def redact_text(text: str) -> str:
+def hide_secrets(text: str) -> str:
+    """The text with every registered secret replaced by ``***``."""
     with _SECRETS_LOCK:
         secrets = tuple(_SECRETS)
     for secret in secrets:
         if secret in text:
             text = text.replace(secret, "***")
-    return mask_email(text)
+    return text
+
+
+def redact_text(text: str) -> str:
+    return mask_email(hide_secrets(text))
 
 
 def _redact_value(key: str, value: Any) -> Any:

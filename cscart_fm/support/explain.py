@@ -12,19 +12,14 @@ from datetime import datetime
 
 import sqlalchemy as sa
 
-from consumers.order_poll.handler import (
-    FILTER_NAMES,
-    PUBLISHED,
-    OrderPollHandler,
-    imported_orders,
-    judge,
-    load_watermark,
-    order_decisions,
-    plan_listing,
-)
+from consumers.order_poll.filters import FILTER_NAMES, judge
+from consumers.order_poll.handler import OrderPollHandler
+from consumers.order_poll.listing import load_watermark, plan_listing
+from consumers.order_poll.tables import imported_orders, order_decisions
 from consumers.services import Services
 from consumers.shipment_lodged.handler import pushed_shipments
 from cscart_fm.core.errors import NotFound, StoreError
+from cscart_fm.core.outbox import PUBLISHED
 from schemas.settings import OrderSettings
 
 

@@ -17,9 +17,11 @@ import requests
 import yaml
 
 from cscart_fm.core.state import StateStore
-from cscart_fm.support import dead_letters as dl
 from cscart_fm.support.console.auth import Accounts, hash_password, load_accounts
 from cscart_fm.support.console.server import Console, serve
+from cscart_fm.support.dead_letters import store as dl
+from cscart_fm.support.dead_letters.collect import record_of
+from cscart_fm.support.dead_letters.replay import ReplayReport, replay
 
 PASSWORDS = {
     "olivia": "olivia-operator-passphrase",
@@ -58,7 +60,8 @@ def no_collect(_store: StateStore, _url: str) -> None:
 
 
 class RecordingReplayer:
-    """Replays through the real ``dead_letters.replay`` onto a publisher that only records."""
+    """Replays through the real ``dead_letters.replay.replay`` onto a publisher that only
+    records."""
 
     def __init__(self, store: StateStore) -> None:
         self.store = store
@@ -70,9 +73,9 @@ class RecordingReplayer:
     ) -> None:
         self.published.append((body, exchange, routing_key, properties))
 
-    def __call__(self, letters: Sequence[dl.DeadLetter]) -> dl.ReplayReport:
+    def __call__(self, letters: Sequence[dl.DeadLetter]) -> ReplayReport:
         self.calls.append([letter.id for letter in letters])
-        return dl.replay(self.store, self, letters, patience=1)  # type: ignore[arg-type]
+        return replay(self.store, self, letters, patience=1)  # type: ignore[arg-type]
 
 
 @contextmanager
@@ -173,7 +176,7 @@ def store_letter(
     **headers: Any,
 ) -> int:
     """Store one dead letter (as ``collect`` does); return its id."""
-    row = dl.record_of(
+    row = record_of(
         consumer,
         json.dumps(body).encode(),
         runtime_headers(**{"cscart-consumer": consumer, **headers}),

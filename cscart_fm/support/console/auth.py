@@ -30,13 +30,15 @@ import base64
 import binascii
 import hashlib
 import hmac
+import math
 import os
 import re
 import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,6 +153,23 @@ class PasswordHash:
         return hmac.compare_digest(computed, self.digest)
 
 
+def dummy_like(hashes: Sequence[PasswordHash]) -> PasswordHash:
+    """A hash of a random password with the settings of the costliest of ``hashes`` (the
+    default scrypt settings when there are none)."""
+    password = secrets.token_urlsafe(16).encode("utf-8")
+    salt = secrets.token_bytes(16)
+    scrypts = [h for h in hashes if h.scheme == "scrypt"]
+    pbkdf2s = [h for h in hashes if h.scheme != "scrypt"]
+    if pbkdf2s and not scrypts:
+        iterations = max(h.params[0] for h in pbkdf2s)
+        digest = hashlib.pbkdf2_hmac("sha256", password, salt, iterations, 32)
+        return PasswordHash("pbkdf2_sha256", (iterations,), salt, digest)
+    n, r, p = max((h.params for h in scrypts), key=lambda x: x[0] * x[1] * x[2],
+                  default=(SCRYPT_N, SCRYPT_R, SCRYPT_P))
+    digest = hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, dklen=32, maxmem=256 * n * r * p)
+    return PasswordHash("scrypt", (n, r, p), salt, digest)
+
+
 _FORMAT_HELP = (
     "expected scrypt$n=…,r=…,p=…$salt$hash or pbkdf2_sha256$iterations$salt$hash "
     "(make one with `cscart-fm console hash-password`)"
@@ -169,8 +188,9 @@ class Accounts:
     _dummy: PasswordHash | None = None
 
     def __post_init__(self) -> None:
-        # An unknown name costs as much as a wrong password: no way to tell them apart.
-        self._dummy = PasswordHash.parse(hash_password(secrets.token_urlsafe(16)))
+        # An unknown name costs as much as the costliest user's wrong password: a name is
+        # not told apart by the time its check takes.
+        self._dummy = dummy_like([hashed for _, hashed in self.users.values()])
 
     @property
     def empty(self) -> bool:
@@ -382,49 +402,91 @@ def same_token(expected: str, submitted: str | None) -> bool:
 
 
 class LoginThrottle:
-    """At most ``per_name`` failed logins per name and ``per_address`` per client address in
-    ``window`` seconds; beyond that, logins are refused without checking the password."""
+    """Failed logins, counted before the password is checked (so parallel guesses count as
+    they arrive), in ``window`` seconds:
+
+    - ``per_pair`` for one name from one address: then that pair waits out the window;
+    - ``per_address`` from one address, whatever the names: then that address waits;
+    - ``per_name`` for one name from anywhere: then that name is slowed to one attempt every
+      ``name_pace`` seconds, never locked: a guesser elsewhere cannot lock the real user out.
+
+    ``checking`` caps the password checks running at once (scrypt takes 16 MiB each)."""
 
     def __init__(
         self,
         *,
-        per_name: int = 5,
+        per_pair: int = 5,
         per_address: int = 20,
+        per_name: int = 20,
+        name_pace: float = 10.0,
         window: float = 300.0,
+        concurrent: int = 2,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.limits = {"name": per_name, "address": per_address}
+        self.limits = {"pair": per_pair, "address": per_address}
+        self.per_name = per_name
+        self.name_pace = name_pace
         self.window = window
         self.clock = clock
-        self._failures: dict[tuple[str, str], deque[float]] = {}
+        self._failures: dict[tuple[str, ...], deque[float]] = {}
+        self._last_try: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._checks = threading.BoundedSemaphore(concurrent)
 
-    def _keys(self, name: str, address: str) -> list[tuple[str, str]]:
-        return [("name", name.lower()[:64]), ("address", address)]
+    @staticmethod
+    def _name(name: str) -> str:
+        return name.lower()[:64]
 
-    def wait(self, name: str, address: str) -> float:
-        """Seconds until a login for this name from this address may be tried; 0 = now."""
+    def _recent(self, key: tuple[str, ...], now: float) -> deque[float]:
+        times = self._failures.get(key)
+        if times is None:
+            return deque()
+        while times and now - times[0] > self.window:
+            times.popleft()
+        return times
+
+    def begin(self, name: str, address: str) -> float:
+        """Seconds to wait before this login may be tried (nothing recorded), or 0: the
+        attempt is recorded as failed now, and ``succeeded`` takes it back."""
         now = self.clock()
-        longest = 0.0
+        user = self._name(name)
+        keys = {"pair": ("pair", user, address), "address": ("address", address)}
         with self._lock:
-            for key in self._keys(name, address):
-                times = self._failures.get(key)
-                if not times:
-                    continue
-                while times and now - times[0] > self.window:
-                    times.popleft()
-                if len(times) >= self.limits[key[0]]:
+            longest = 0.0
+            for kind, key in keys.items():
+                times = self._recent(key, now)
+                if len(times) >= self.limits[kind]:
                     longest = max(longest, self.window - (now - times[0]))
-        return longest
-
-    def failed(self, name: str, address: str) -> None:
-        now = self.clock()
-        with self._lock:
+            if len(self._recent(("name", user), now)) >= self.per_name:
+                since = now - self._last_try.get(user, -math.inf)
+                longest = max(longest, self.name_pace - since)
+            if longest > 0:
+                return longest
             if len(self._failures) > 100_000:
                 self._failures.clear()
-            for key in self._keys(name, address):
+                self._last_try.clear()
+            for key in (*keys.values(), ("name", user)):
                 self._failures.setdefault(key, deque(maxlen=64)).append(now)
+            self._last_try[user] = now
+            return 0.0
 
-    def succeeded(self, name: str) -> None:
+    def succeeded(self, name: str, address: str) -> None:
+        """The attempt ``begin`` recorded was right: forget it, and the pair's failures."""
+        user = self._name(name)
         with self._lock:
-            self._failures.pop(("name", name.lower()[:64]), None)
+            self._failures.pop(("pair", user, address), None)
+            for key in (("address", address), ("name", user)):
+                times = self._failures.get(key)
+                if times:
+                    times.pop()
+
+    @contextmanager
+    def checking(self, timeout: float = 10.0) -> Iterator[bool]:
+        """A slot for one password check (False: every slot stayed busy ``timeout`` s)."""
+        if not self._checks.acquire(timeout=timeout):
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            self._checks.release()

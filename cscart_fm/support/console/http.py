@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
@@ -139,10 +140,14 @@ def cookie(
     return ("Set-Cookie", "; ".join(parts))
 
 
+_PLAIN_PATH = re.compile(r"/[A-Za-z0-9/._~%!$&'()*+,;=:@?-]*")
+"""A path (and query) of printable ASCII URL characters: no whitespace, control or backslash."""
+
+
 def safe_next(value: str | None) -> str:
     """Where to go after logging in: a path on this console only (no open redirect)."""
-    if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
-        return "/"
-    if any(ch in value for ch in "\r\n"):
+    # A browser's URL parser drops tabs and newlines and reads a backslash as a slash, so
+    # "/\t/evil.example" becomes "//evil.example": only a plain absolute path is taken.
+    if not value or not _PLAIN_PATH.fullmatch(value) or "//" in value:
         return "/"
     return value

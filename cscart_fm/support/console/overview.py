@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -19,7 +19,7 @@ import structlog
 from consumers.registry import JOBS
 from cscart_fm.core.jobs import Job, OverviewColumn, OverviewScope
 from cscart_fm.core.state import StateStore, as_utc
-from cscart_fm.support import dead_letters as dl
+from cscart_fm.support.dead_letters import store as dl
 
 log = structlog.get_logger(__name__)
 
@@ -116,16 +116,3 @@ def build(
         status.open_letters = int((letters or {}).get(cid, 0))
         rows.append(status)
     return Overview(columns, [values is not None for values in found], rows, notes)
-
-
-def describe_age(delta: timedelta) -> str:
-    seconds = max(0, int(delta.total_seconds()))
-    if seconds < 90:
-        return f"{seconds} s"
-    minutes = seconds // 60
-    if minutes < 90:
-        return f"{minutes} min"
-    hours = minutes // 60
-    if hours < 48:
-        return f"{hours} h {minutes % 60} min" if minutes % 60 else f"{hours} h"
-    return f"{hours // 24} days"

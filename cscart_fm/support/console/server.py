@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import re
 import secrets
-import threading
-import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -24,12 +22,9 @@ from zoneinfo import ZoneInfo
 
 import structlog
 
-from cscart_fm.core.broker import Publisher, connect
-from cscart_fm.core.config import redact_url
 from cscart_fm.core.observability import _SECRETS, _SECRETS_LOCK
 from cscart_fm.core.state import StateStore, utcnow
-from cscart_fm.support import dead_letters as dl
-from cscart_fm.support.console import audit, views
+from cscart_fm.support.console import views
 from cscart_fm.support.console.auth import Accounts, LoginThrottle, Sessions, User, same_token
 from cscart_fm.support.console.http import (
     BodyTooLarge,
@@ -40,6 +35,10 @@ from cscart_fm.support.console.http import (
     safe_next,
 )
 from cscart_fm.support.console.templates import CSS, environment
+from cscart_fm.support.dead_letters import audit
+from cscart_fm.support.dead_letters.audit import Actor
+from cscart_fm.support.dead_letters.collect import collect as collect_letters
+from cscart_fm.support.dead_letters.desk import DeadLetterDesk, Replayer
 
 log = structlog.get_logger(__name__)
 
@@ -57,50 +56,6 @@ SECURITY_HEADERS = [
     ("Referrer-Policy", "same-origin"),
     ("Cross-Origin-Opener-Policy", "same-origin"),
 ]
-
-
-class Freshness:
-    """Collects new dead letters from the broker before a page lists them (as every ``dlq``
-    command does), at most every ``interval`` seconds; after a failure, every ``backoff``
-    seconds, the pages showing what is stored with a warning meanwhile."""
-
-    def __init__(
-        self,
-        store: StateStore,
-        broker_url: str,
-        *,
-        interval: float = 3.0,
-        backoff: float = 30.0,
-        collect: Callable[[StateStore, str], Any] = dl.collect,
-    ) -> None:
-        self.store = store
-        self.broker_url = broker_url
-        self.interval = interval
-        self.backoff = backoff
-        self._collect = collect
-        self._lock = threading.Lock()
-        self._last: float | None = None
-        self._warning: str | None = None
-
-    def refresh(self) -> str | None:
-        with self._lock:
-            now = time.monotonic()
-            wait = self.backoff if self._warning else self.interval
-            if self._last is not None and now - self._last < wait:
-                return self._warning
-            try:
-                self._collect(self.store, self.broker_url)
-            except Exception as exc:
-                self._warning = (
-                    f"Could not collect new dead letters from the broker at "
-                    f"{redact_url(self.broker_url)} ({type(exc).__name__}): showing what is "
-                    "stored. Dead letters wait safely in the broker until collected."
-                )
-                log.warning("console: collecting dead letters failed", error=str(exc))
-            else:
-                self._warning = None
-            self._last = time.monotonic()
-            return self._warning
 
 
 @dataclass(frozen=True)
@@ -133,8 +88,8 @@ class Console:
         origins: Iterable[str] = (),
         replay_patience: float = 10.0,
         collect_interval: float = 3.0,
-        collect: Callable[[StateStore, str], Any] = dl.collect,
-        replayer: Callable[[Sequence[dl.DeadLetter]], dl.ReplayReport] | None = None,
+        collect: Callable[[StateStore, str], Any] = collect_letters,
+        replayer: Replayer | None = None,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         """``collect`` and ``replayer`` are seams for tests (the broker's side of things)."""
@@ -148,16 +103,21 @@ class Console:
         self.zone = zone or ZoneInfo("UTC")
         self.secure_cookie = secure_cookie
         self.origins = {o.rstrip("/") for o in origins}
-        self.replay_patience = replay_patience
         self.clock = clock
         self.sessions = Sessions()
         self.throttle = LoginThrottle()
-        self.collector = Freshness(store, broker_url, interval=collect_interval, collect=collect)
-        self._replayer = replayer
+        # Replays and discards go through the desk, as the command line's do: the same rules,
+        # the same audit. A console request should not hang: a shorter replay patience.
+        self.desk = DeadLetterDesk(
+            store,
+            broker_url,
+            retry_delays=retry_delays,
+            replay_patience=replay_patience,
+            collect=collect,
+            collect_interval=collect_interval,
+            replayer=replayer,
+        )
         self.templates = environment(self.zone, clock)
-        self._replay_lock = threading.Lock()
-        dl.ensure_table(store)
-        audit.ensure_table(store)
         self.routes = [
             _route("GET", "/login", login_page, "public"),
             _route("POST", "/login", login, "public"),
@@ -208,36 +168,6 @@ class Console:
                 text = text.replace(secret, "***")
         return text
 
-    def replay(self, letters: Sequence[dl.DeadLetter]) -> dl.ReplayReport:
-        """Through the confirmed publisher, after declaring the topology (as the CLI does)."""
-        if not letters:
-            return dl.ReplayReport()
-        if self._replayer is not None:
-            return self._replayer(letters)
-        with self._replay_lock:  # one replay at a time: ordering, and one connection
-            problem = self._broker_unreachable()
-            if problem is not None:  # say so now, not after kombu's 24 s of retries
-                report = dl.ReplayReport()
-                report.failed[letters[0].id] = (
-                    f"the broker at {redact_url(self.broker_url)} cannot be reached ({problem}); "
-                    f"nothing was replayed, and the dead letter(s) stay as they were"
-                )
-                return report
-            dl.declare_topology(self.broker_url, self.retry_delays)
-            publisher = Publisher(self.broker_url)
-            try:
-                return dl.replay(self.store, publisher, letters, patience=self.replay_patience)
-            finally:
-                publisher.close()
-
-    def _broker_unreachable(self) -> str | None:
-        try:
-            with connect(self.broker_url) as conn:
-                conn.connect()
-        except Exception as exc:
-            return f"{type(exc).__name__}: {exc}"
-        return None
-
     # --- the WSGI application ---------------------------------------------------------------------
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
@@ -250,20 +180,24 @@ class Console:
             response = Response(500, text.encode(), "text/plain; charset=utf-8")
         headers = [("Content-Type", response.content_type), *response.headers]
         headers += SECURITY_HEADERS
+        headers.append(("Server", "cscart-fm-console"))  # wsgiref's names the Python version
+        if self.secure_cookie:  # served over HTTPS: browsers are told to keep to it
+            headers.append(("Strict-Transport-Security", "max-age=31536000"))
         if not any(name == "Cache-Control" for name, _ in response.headers):
             headers.append(("Cache-Control", "no-store"))
         headers.append(("Content-Length", str(len(response.body))))
         start_response(response.status_line, headers)
-        return [response.body]
+        # HEAD: the GET's status and headers (Content-Length included), without the body.
+        return [] if environ.get("REQUEST_METHOD", "").upper() == "HEAD" else [response.body]
 
     def handle(self, environ: dict[str, Any]) -> Response:
         try:
             request = Request.from_environ(environ)
         except BodyTooLarge:
             return Response(413, b"Too large.\n", "text/plain; charset=utf-8")
-        if request.path == "/healthz" and request.method == "GET":
+        if request.path == "/healthz" and request.method in ("GET", "HEAD"):
             return Response(200, b"ok\n", "text/plain; charset=utf-8")
-        if request.path == "/static/console.css" and request.method == "GET":
+        if request.path == "/static/console.css" and request.method in ("GET", "HEAD"):
             return Response(
                 200, CSS.encode(), "text/css; charset=utf-8", [("Cache-Control", "max-age=300")]
             )
@@ -280,7 +214,7 @@ class Console:
             return self.error(request, 404, "Not found", "There is no such page.")
         self._identify(request)
         if route.access != "public" and request.user is None:
-            if request.method == "GET":
+            if request.method in ("GET", "HEAD"):
                 target = request.path + (
                     "?" + str(environ.get("QUERY_STRING")) if environ.get("QUERY_STRING") else ""
                 )
@@ -315,11 +249,12 @@ class Console:
 
     def _match(self, request: Request) -> tuple[Route | None, set[str]]:
         allowed: set[str] = set()
+        method = "GET" if request.method == "HEAD" else request.method
         for route in self.routes:
             found = route.pattern.match(request.path)
             if found is None:
                 continue
-            if route.method != request.method:
+            if route.method != method:
                 allowed.add(route.method)
                 continue
             request.params = found.groupdict()
@@ -416,7 +351,7 @@ def login(console: Console, request: Request) -> Response:
             username=name,
             error="The login form was out of date or did not come from this console: try again.",
         )
-    wait = console.throttle.wait(name, request.remote_addr)
+    wait = console.throttle.begin(name, request.remote_addr) if name and password else 0.0
     if wait > 0:
         log.warning("console: login throttled", user=name, remote_addr=request.remote_addr)
         return _login_form(
@@ -425,33 +360,36 @@ def login(console: Console, request: Request) -> Response:
             status=429,
             username=name,
             error=f"Too many failed logins for this name or from this address: try again in "
-            f"{max(1, round(wait / 60))} min.",
+            f"{_minutes_or_seconds(wait)}.",
         )
-    user = console.accounts.check_password(name, password) if name and password else None
+    user = None
+    if name and password:
+        with console.throttle.checking() as slot:
+            if not slot:
+                return _login_form(
+                    console, request, status=503, username=name,
+                    error="The console is busy checking other logins: try again in a moment.",
+                )
+            user = console.accounts.check_password(name, password)
     if user is None:
-        console.throttle.failed(name, request.remote_addr)
         audit.start(
             console.store,
-            who=name or "(blank)",
-            role="-",
+            Actor(name or "(blank)", "-", audit.CONSOLE, request.remote_addr),
             action="login-failed",
             target="console",
             result="wrong name or password",
-            remote_addr=request.remote_addr,
         )
         return _login_form(
             console, request, status=401, username=name, error="Wrong name or password."
         )
-    console.throttle.succeeded(name)
+    console.throttle.succeeded(name, request.remote_addr)
     session = console.sessions.create(user)
     audit.start(
         console.store,
-        who=user.name,
-        role=user.role,
+        Actor(user.name, user.role, audit.CONSOLE, request.remote_addr),
         action="login",
         target="console",
         result="logged in",
-        remote_addr=request.remote_addr,
     )
     log.info("console: logged in", user=user.name, role=user.role)
     response = redirect(safe_next(request.form.get("next")))
@@ -460,18 +398,20 @@ def login(console: Console, request: Request) -> Response:
     return response
 
 
+def _minutes_or_seconds(wait: float) -> str:
+    return f"{max(1, round(wait / 60))} min" if wait >= 90 else f"{max(1, round(wait))} s"
+
+
 def logout(console: Console, request: Request) -> Response:
-    user = request.require_user()
+    who = views.actor(request)
     if request.session is not None:
         console.sessions.drop(request.session.id)
     audit.start(
         console.store,
-        who=user.name,
-        role=user.role,
+        who,
         action="logout",
         target="console",
         result="logged out",
-        remote_addr=request.remote_addr,
     )
     response = redirect("/login")
     response.headers.append(console.session_cookie("", clear=True))
@@ -484,9 +424,13 @@ def logout(console: Console, request: Request) -> Response:
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # socketserver's 5 resets the sixth browser connecting at once
 
 
 class _QuietHandler(WSGIRequestHandler):
+    server_version = "cscart-fm-console"  # what a bare HTTP error names (no Python version)
+    sys_version = ""
+
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("console request", line=format % args)
 

@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 
 import jinja2
 
-from cscart_fm.support.console.overview import describe_age
+from cscart_fm.core.durations import describe_age
 
 CSS = """
 :root { --fg:#1d232b; --muted:#5b6573; --line:#d8dde3; --bg:#f6f7f9; --accent:#0b5cad;
@@ -233,9 +233,12 @@ TEMPLATES["confirm_replay.html"] = """
 {% block main %}
 <h1>Replay {{ letters|length }} dead letter(s)?</h1>
 <p>Filters: {{ description }}.</p>
-{% if more %}<p class="flash warning">{{ more }} more match: at most {{ limit }} are replayed at once
-(oldest first). Replay again afterwards for the rest.</p>{% endif %}
-<p>Each is sent back, unchanged, to where it was going; the consumers are idempotent, so a
+{% if more %}<p class="flash warning" id="more">{{ more_text }}</p>{% endif %}
+<p>They go to (exchange / routing key, from each one's job, never from its headers):</p>
+<ul id="destinations">{% for where, n in destinations.items() %}<li>{{ where }}: {{ n }}</li>{% endfor %}</ul>
+{% if unreplayable %}<p class="flash warning" id="unreplayable">Not replayed, as none of their
+job's events: {% for id, why in unreplayable.items() %}#{{ id }} ({{ why }}){% if not loop.last %}; {% endif %}{% endfor %}.</p>{% endif %}
+<p>Each is sent back, unchanged, to its job's queue; the consumers are idempotent, so a
 replay of something that already happened does no harm. A dead letter is marked resolved when
 its consumer then succeeds.</p>
 <form method="post" action="/letters/replay" class="box">
@@ -337,7 +340,7 @@ consumer to handle it. This page refreshes itself every {{ refresh }} s.</p>{% e
 <dl class="facts">
   <dt>Schema</dt><dd>{{ letter.message_schema or "no schema header" }}</dd>
   <dt>message_id</dt><dd>{{ letter.message_id or "–" }}</dd>
-  <dt>A replay goes to</dt><dd>{{ letter.original_exchange or "(default exchange)" }} / {{ letter.original_routing_key }}</dd>
+  <dt>A replay goes to</dt><dd id="goes-to">{{ letter.goes_to }}</dd>
 </dl>
 {% if revealed %}
 <p class="flash warning" id="revealed">Personal data shown at your request, and recorded in the
@@ -389,15 +392,17 @@ TEMPLATES["audit.html"] = """
 {% extends "base.html" %}
 {% block main %}
 <h1>Audit log</h1>
-<p>Every console action: who, when, what, why, and how it ended. Times are {{ zone_name }}.</p>
+<p>Every replay and discard, from this console or the command line (<code>cscart-fm dlq</code>),
+and every console login and reveal of personal data: who, when, from where, what, why, and how
+it ended. Times are {{ zone_name }}.</p>
 <table id="audit">
 <thead><tr><th>#</th><th>When</th><th>Who</th><th>Action</th><th>Target</th><th>Reason</th><th>Result</th><th>From</th></tr></thead>
 <tbody>
 {% for e in entries %}
-<tr class="audit-{{ e.action }}"><td>{{ e.id }}</td><td>{{ e.at|moment }}</td><td>{{ e.who }} <span class="muted">({{ e.role }})</span></td>
+<tr class="audit-{{ e.action }} via-{{ e.via }}"><td>{{ e.id }}</td><td>{{ e.at|moment }}</td><td>{{ e.who }}{% if e.via == "console" %} <span class="muted">({{ e.role }})</span>{% endif %}</td>
 <td>{{ e.action }}</td>
 <td>{% if e.letter_id %}<a href="/letters/{{ e.letter_id }}">{{ e.target }}</a>{% else %}{{ e.target }}{% endif %}</td>
-<td>{{ e.reason or "" }}</td><td>{{ e.result }}</td><td class="muted">{{ e.remote_addr or "" }}</td></tr>
+<td>{{ e.reason or "" }}</td><td>{{ e.result }}</td><td class="muted">{% if e.via == "console" %}console{% if e.remote_addr %} {{ e.remote_addr }}{% endif %}{% else %}{{ e.via }}{% endif %}</td></tr>
 {% else %}
 <tr><td colspan="8" class="muted">Nothing yet.</td></tr>
 {% endfor %}

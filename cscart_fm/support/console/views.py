@@ -1,8 +1,8 @@
 """The console's pages and actions. Each takes the console and the request, returns a response.
 
 Reading goes through ``cscart_fm.support.dead_letters`` (its filter, masking, what-happened
-text) and the jobs' tables; acting goes through its ``replay`` (the confirmed publisher) and
-``discard``. Every action writes its audit row first and its result after.
+text) and the jobs' tables. Replays and discards go through the dead-letter desk
+(``console.desk``), the one the command line uses: its rules, its refusals, its audit.
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ import structlog
 
 from consumers.registry import JOBS
 from cscart_fm.core.errors import ERROR_TYPES, BridgeError, Fate
-from cscart_fm.core.observability import mask_email
-from cscart_fm.support import dead_letters as dl
-from cscart_fm.support.console import audit
 from cscart_fm.support.console import overview as overview_data
 from cscart_fm.support.console.http import Request, Response, redirect
+from cscart_fm.support.dead_letters import audit
+from cscart_fm.support.dead_letters import store as dl
+from cscart_fm.support.dead_letters.audit import Actor
+from cscart_fm.support.dead_letters.desk import NOTHING_TO_REPLAY, Refused
 from cscart_fm.support.explain import consignments, explain_order, order_ref
 
 if TYPE_CHECKING:
@@ -34,8 +35,6 @@ log = structlog.get_logger(__name__)
 
 PAGE_SIZE = 25
 MAX_PAGE_SIZE = 200
-MAX_BULK = 500
-"""At most this many dead letters are replayed by one "replay filtered" action."""
 REFRESH_WHILE_REPLAYED = timedelta(minutes=2)
 """A replayed dead letter's page refreshes itself this long after the replay."""
 
@@ -141,43 +140,31 @@ def _int(value: str | None, default: int, low: int, high: int) -> int:
 
 # --- reading --------------------------------------------------------------------------------------
 
-_SUMMARY = (
-    dl.dead_letters.c.id,
-    dl.dead_letters.c.dead_lettered_at,
-    dl.dead_letters.c.consumer,
-    dl.dead_letters.c.client_id,
-    dl.dead_letters.c.error_type,
-    dl.dead_letters.c.reason,
-    dl.dead_letters.c.attempts,
-    dl.dead_letters.c.status,
-)
-
 
 def summaries(
     console: Console, where: dl.Filter, *, offset: int, limit: int, newest_first: bool = True
 ) -> list[dict[str, Any]]:
     """One page of the list: no bodies or headers (a stock snapshot can be megabytes)."""
-    c = dl.dead_letters.c
-    order = c.id.desc() if newest_first else c.id.asc()
-    query = sa.select(*_SUMMARY).where(*where.where()).order_by(order).offset(offset).limit(limit)
-    with console.store.engine.connect() as conn:
-        rows = conn.execute(query).mappings().all()
-    return [
-        {
-            **dict(row),
-            "dead_lettered_at": overview_data.aware(row["dead_lettered_at"]),
-            "reason": mask_email(row["reason"]),
-        }
-        for row in rows
-    ]
+    return dl.summaries(console.store, where, offset=offset, limit=limit, newest_first=newest_first)
 
 
 def _page_url(path: str, items: list[tuple[str, str]], page: int) -> str:
     return f"{path}?{urlencode([*items, ('page', str(page))])}"
 
 
+def actor(request: Request) -> Actor:
+    """Who acts, for the audit: the logged-in user, from the console, at their address."""
+    user = request.require_user()
+    return Actor(user.name, user.role, audit.CONSOLE, request.remote_addr)
+
+
+def _collect_warning(console: Console) -> str | None:
+    warning = console.desk.collect_first()
+    return warning[:1].upper() + warning[1:] + "." if warning else None
+
+
 def overview(console: Console, request: Request) -> Response:
-    warning = console.collector.refresh()
+    warning = _collect_warning(console)
     data = overview_data.build(console.store, console.clients, console.clock())
     return console.render(
         request,
@@ -194,7 +181,7 @@ def letters(console: Console, request: Request) -> Response:
     form, problems = FilterForm.read(request.query)
     per_page = _int(request.query.get("per_page"), PAGE_SIZE, 5, MAX_PAGE_SIZE)
     page = _int(request.query.get("page"), 1, 1, 10**6)
-    warning = console.collector.refresh()
+    warning = _collect_warning(console)
     where = form.where(console.zone)
     total = dl.count(console.store, where)
     rows = summaries(console, where, offset=(page - 1) * per_page, limit=per_page)
@@ -294,13 +281,12 @@ def _history(console: Console, letter: dl.DeadLetter) -> list[dict[str, Any]]:
         )
     for entry in audit.entries_for_letter(console.store, letter.id):
         reason = f" Reason: {entry.reason}." if entry.reason else ""
-        events.append(
-            {
-                "at": entry.at,
-                "text": f"Console: {entry.who} ({entry.role}) — {entry.action}: {entry.result}."
-                + reason,
-            }
+        who = (
+            f"Console: {entry.who} ({entry.role})"
+            if entry.via == audit.CONSOLE
+            else f"Command line: {entry.who}"
         )
+        events.append({"at": entry.at, "text": f"{who} — {entry.action}: {entry.result}." + reason})
     return sorted(events, key=lambda e: e["at"])
 
 
@@ -313,7 +299,7 @@ def _json_text(value: Any) -> str:
 def render_letter(
     console: Console, request: Request, letter: dl.DeadLetter, *, reveal: bool
 ) -> Response:
-    details = letter.details(reveal=reveal)
+    details = letter.details(reveal=reveal, secrets_known=console.clients is not None)
     refresh = None
     if (
         not reveal
@@ -334,7 +320,7 @@ def render_letter(
         fate_text=_fate_text(letter),
         history=_history(console, letter),
         payload=console.hide_secrets(_json_text(details["payload"])),
-        headers=console.hide_secrets(_json_text(dl.mask_payload(letter.headers))),
+        headers=console.hide_secrets(_json_text(details["headers"])),
         revealed=reveal,
         refresh=refresh,
         key_label=JOBS.key_labels().get(key_kind, "message"),
@@ -360,18 +346,16 @@ def reveal(console: Console, request: Request) -> Response:
     found = dl.get(console.store, letter_id)
     if found is None:
         return console.error(request, 404, "Not found", "There is no such dead letter.", "/letters")
-    user = request.require_user()
+    who = actor(request)
     audit.start(
         console.store,
-        who=user.name,
-        role=user.role,
+        who,
         action="reveal",
         letter_id=letter_id,
         target=f"dead letter {letter_id} ({found.consumer}, {found.client_id or '-'})",
         result="personal data shown",
-        remote_addr=request.remote_addr,
     )
-    log.info("console: personal data revealed", dead_letter=letter_id, by=user.name)
+    log.info("console: personal data revealed", dead_letter=letter_id, by=who.who)
     return render_letter(console, request, found, reveal=True)
 
 
@@ -381,32 +365,21 @@ def replay(console: Console, request: Request) -> Response:
     found = dl.get(console.store, letter_id)
     if found is None:
         return console.error(request, 404, "Not found", "There is no such dead letter.", "/letters")
-    force = request.form.get("force") == "yes"
-    if found.status in (dl.DISCARDED, dl.RESOLVED) and not force:
-        request.flash("error", f"Dead letter #{letter_id} is {found.status}: nothing replayed.")
+    try:
+        outcome = console.desk.replay(
+            [letter_id], actor(request), force=request.form.get("force") == "yes"
+        )
+    except Refused as refused:
+        request.flash("error", refused.message)
         return redirect(here)
-    user = request.require_user()
-    entry = audit.start(
-        console.store,
-        who=user.name,
-        role=user.role,
-        action="replay",
-        letter_id=letter_id,
-        target=f"dead letter {letter_id} ({found.consumer}, {found.client_id or '-'}, "
-        f"{found.error_type}, was {found.status})",
-        remote_addr=request.remote_addr,
-    )
-    report = console.replay([found])
-    if letter_id in report.replayed:
-        audit.finish(console.store, entry, "replayed: confirmed by the broker")
+    problem = outcome.problem(letter_id)
+    if problem is None:
         request.flash(
             "ok",
             f"Dead letter #{letter_id} replayed: the broker took it. It turns resolved once the "
             f"{found.consumer} consumer succeeds with it.",
         )
     else:
-        problem = report.failed.get(letter_id, "not tried")
-        audit.finish(console.store, entry, f"failed: {problem}")
         request.flash("error", f"Not replayed: {problem}")
     return redirect(here)
 
@@ -414,32 +387,19 @@ def replay(console: Console, request: Request) -> Response:
 def discard(console: Console, request: Request) -> Response:
     letter_id = _letter_id(request)
     here = f"/letters/{letter_id}"
-    reason = " ".join(request.form.get("reason", "").split())[:2000]
     found = dl.get(console.store, letter_id)
     if found is None:
         return console.error(request, 404, "Not found", "There is no such dead letter.", "/letters")
-    if not reason:
-        request.flash("error", "Say why it needs no replay: the reason is kept with it.")
+    try:
+        outcome = console.desk.discard([letter_id], actor(request), request.form.get("reason", ""))
+    except Refused as refused:
+        request.flash("error", refused.message)
         return redirect(here)
-    user = request.require_user()
-    entry = audit.start(
-        console.store,
-        who=user.name,
-        role=user.role,
-        action="discard",
-        letter_id=letter_id,
-        target=f"dead letter {letter_id} ({found.consumer}, {found.client_id or '-'}, "
-        f"{found.error_type}, was {found.status})",
-        reason=reason,
-        remote_addr=request.remote_addr,
-    )
-    changed = dl.discard(console.store, [letter_id], reason=reason, by=user.name)
-    if changed:
-        audit.finish(console.store, entry, "discarded")
+    if outcome.discarded:
         request.flash("ok", f"Dead letter #{letter_id} discarded.")
-    else:
-        audit.finish(console.store, entry, f"unchanged: it was already {found.status}")
-        request.flash("error", f"Nothing changed: dead letter #{letter_id} is {found.status}.")
+    else:  # settled between the check and the update
+        status = outcome.unchanged.get(letter_id, found.status)
+        request.flash("error", f"Nothing changed: dead letter #{letter_id} is {status}.")
     return redirect(here)
 
 
@@ -451,11 +411,18 @@ def replay_filtered(console: Console, request: Request) -> Response:
         return redirect(back)
     where = form.where(console.zone, [dl.OPEN])
     if request.form.get("confirm") != "yes":
-        selected = summaries(console, where, offset=0, limit=MAX_BULK, newest_first=False)
-        if not selected:
-            request.flash("error", "No open dead letters match these filters: nothing to replay.")
+        # The confirmation is the explicit ask: with no filter, it names every open one.
+        selection = console.desk.select_replay(where, everything=True)
+        if not selection.ids:
+            request.flash("error", NOTHING_TO_REPLAY)
             return redirect(back)
-        total = dl.count(console.store, where)
+        selected = summaries(
+            console,
+            dl.Filter(ids=selection.ids, statuses=[dl.OPEN]),
+            offset=0,
+            limit=len(selection.ids),
+            newest_first=False,
+        )
         return console.render(
             request,
             "confirm_replay.html",
@@ -463,8 +430,10 @@ def replay_filtered(console: Console, request: Request) -> Response:
             section="letters",
             letters=selected,
             ids=",".join(str(row["id"]) for row in selected),
-            more=max(0, total - len(selected)),
-            limit=MAX_BULK,
+            more=selection.more,
+            more_text=selection.more_text,
+            destinations=selection.destinations,
+            unreplayable=selection.unreplayable,
             description=form.describe(),
             filter_fields=form.items(with_status=False),
             back_url=back,
@@ -474,42 +443,19 @@ def replay_filtered(console: Console, request: Request) -> Response:
     except ValueError as exc:
         request.flash("error", str(exc))
         return redirect(back)
-    ids = ids[:MAX_BULK]
-    if not ids:
-        request.flash("error", "Nothing to replay.")
+    try:
+        outcome = console.desk.replay_selected(ids, actor(request), description=where.describe())
+    except Refused as refused:
+        request.flash("error", refused.message)
         return redirect(back)
-    user = request.require_user()
-    entry = audit.start(
-        console.store,
-        who=user.name,
-        role=user.role,
-        action="replay-filtered",
-        target=f"{form.describe()}: dead letters {', '.join(map(str, ids))}",
-        remote_addr=request.remote_addr,
-    )
-    replayed: list[int] = []
-    failed: dict[int, str] = {}
-    for start in range(0, len(ids), 50):  # bodies are loaded 50 at a time
-        chunk = dl.find(console.store, dl.Filter(ids=ids[start : start + 50], statuses=[dl.OPEN]))
-        report = console.replay(chunk)
-        replayed += report.replayed
-        failed.update(report.failed)
-        if report.failed:
-            break
-    skipped = len(ids) - len(replayed) - len(failed)
-    result = f"replayed {len(replayed)}"
-    if failed:
-        result += f"; failed: {'; '.join(failed.values())}"
-    if skipped:
-        result += f"; {skipped} not replayed (no longer open, or not tried after a failure)"
-    audit.finish(console.store, entry, result)
-    if replayed:
+    if outcome.replayed:
         request.flash(
             "ok",
-            f"Replayed {len(replayed)} dead letter(s): the broker took them. Each turns resolved "
-            "once its consumer succeeds.",
+            f"Replayed {len(outcome.replayed)} dead letter(s): the broker took them. Each turns "
+            "resolved once its consumer succeeds.",
         )
-    if failed or skipped:
+    if outcome.failed or outcome.skipped or outcome.not_tried:
+        result = outcome.result()
         request.flash("error", result[0].upper() + result[1:] + ".")
     return redirect(_page_url("/letters", [*form.items(with_status=False), ("status", "all")], 1))
 

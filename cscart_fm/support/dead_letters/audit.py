@@ -1,9 +1,13 @@
-"""Every console action, kept for good: who, when, what, on which dead letters, why, result.
+"""The audit trail, kept for good: who, when, from where, what, on which dead letters, why, result.
 
-Table ``console_audit`` on the state store. An action writes its row *before* it acts
-(``result`` = ``started``) and updates the result after, so a console that dies mid-action
-still leaves the row. Logins (and failed ones), logouts and every reveal of personal data are
-recorded too. Rows are never updated after their result, and never deleted.
+Every replay and discard the desk does, whether asked from the console or the command line,
+and the console's logins (and failed ones), logouts and every reveal of personal data. An
+action writes its row *before* it acts (``result`` = ``started``) and updates the result
+after, so a process that dies mid-action still leaves the row. Rows are never updated after
+their result, and never deleted.
+
+The table keeps the name it had when only the console wrote to it, ``console_audit``, and so
+does its component: renaming them would buy nothing but a migration.
 """
 
 from __future__ import annotations
@@ -16,11 +20,14 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
 from cscart_fm.core.observability import redact_text
 from cscart_fm.core.state import Component, StateStore, UtcDateTime, metadata, utcnow
 
 STARTED = "started"
+CONSOLE, CLI = "console", "cli"
+"""Where an action came from (the ``via`` column)."""
 
 console_audit = sa.Table(
     "console_audit",
@@ -29,24 +36,37 @@ console_audit = sa.Table(
     sa.Column("at", UtcDateTime(), nullable=False),
     sa.Column("who", sa.String(200), nullable=False),
     sa.Column("role", sa.String(16), nullable=False),
-    # login, login-failed, logout, replay, replay-filtered, discard, reveal
+    # login, login-failed, logout, replay, replay-filtered, discard, discard-filtered, reveal
     sa.Column("action", sa.String(32), nullable=False),
     sa.Column("letter_id", sa.Integer, nullable=True),  # set when one dead letter is the target
     sa.Column("target", sa.Text, nullable=False),  # "dead letter 12", the filter and its ids, ...
     sa.Column("reason", sa.Text, nullable=True),
     sa.Column("result", sa.Text, nullable=False),
     sa.Column("remote_addr", sa.String(64), nullable=True),
+    sa.Column("via", sa.String(16), nullable=False, server_default=CONSOLE),
     sa.Index("ix_console_audit_letter", "letter_id"),
 )
 
-COMPONENT = Component("console-audit", (console_audit,))
+
+def _add_via(conn: Connection) -> None:
+    """1: where each action came from; every row before this one came from the console."""
+    columns = {column["name"] for column in sa.inspect(conn).get_columns("console_audit")}
+    if "via" not in columns:
+        conn.execute(
+            sa.text(
+                "ALTER TABLE console_audit ADD COLUMN via VARCHAR(16) NOT NULL DEFAULT 'console'"
+            )
+        )
+
+
+COMPONENT = Component("console-audit", (console_audit,), migrations=(_add_via,))
 
 _lock = threading.Lock()
 _ready: set[int] = set()
 
 
 def ensure_table(store: StateStore) -> None:
-    """Create the table on a store opened before this module was imported."""
+    """Create (or bring up to date) the table on a store opened without this component."""
     with _lock:
         if id(store) in _ready:
             return
@@ -54,12 +74,24 @@ def ensure_table(store: StateStore) -> None:
             try:
                 with store.transaction() as conn:
                     console_audit.create(conn, checkfirst=True)
+                    _add_via(conn)
                 break
             except sa.exc.SQLAlchemyError:
-                if attempt == 2:  # two consoles creating it at once: the loser finds it made
+                if attempt == 2:  # two processes creating it at once: the loser finds it made
                     raise
                 time.sleep(0.2)
         _ready.add(id(store))
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who acts, and from where: a console user (with their role and address) or someone at
+    the command line (``--by``, else their OS user name)."""
+
+    who: str
+    role: str = "-"
+    via: str = CLI
+    remote_addr: str | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +106,7 @@ class Entry:
     reason: str | None
     result: str
     remote_addr: str | None
+    via: str
 
 
 def _clip(text: str | None, size: int) -> str | None:
@@ -82,14 +115,12 @@ def _clip(text: str | None, size: int) -> str | None:
 
 def start(
     store: StateStore,
+    actor: Actor,
     *,
-    who: str,
-    role: str,
     action: str,
     target: str,
     letter_id: int | None = None,
     reason: str | None = None,
-    remote_addr: str | None = None,
     result: str = STARTED,
 ) -> int:
     """Write the row (before acting); return its id for ``finish``."""
@@ -98,14 +129,15 @@ def start(
             console_audit.insert()
             .values(
                 at=utcnow(),
-                who=who[:200],
-                role=role[:16],
+                who=actor.who[:200],
+                role=actor.role[:16],
                 action=action[:32],
                 letter_id=letter_id,
                 target=_clip(target, 8000) or "",
                 reason=_clip(reason, 2000),
                 result=_clip(result, 2000) or "",
-                remote_addr=(remote_addr or "")[:64] or None,
+                remote_addr=(actor.remote_addr or "")[:64] or None,
+                via=actor.via[:16],
             )
             .returning(console_audit.c.id)
         ).first()
