@@ -18,7 +18,7 @@ from typing import Any
 from amqp import Message as AmqpMessage
 from kombu import Connection, Exchange, Producer
 
-from cscart_fm.core import topology
+from cscart_fm.core import frames, topology
 from schemas.messages import ROUTING_KEYS, Message
 
 DEFAULT_HEARTBEAT = 30
@@ -28,6 +28,7 @@ CONFIRM_TIMEOUT = 30.0
 def connect(url: str, *, heartbeat: int = DEFAULT_HEARTBEAT, confirms: bool = True) -> Connection:
     """A kombu connection with heartbeats on (kombu's default is off) and, unless the caller
     awaits confirms itself, every publish on it waiting for its confirm."""
+    frames.install()
     return Connection(
         url,
         heartbeat=heartbeat,

@@ -54,9 +54,9 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from kombu.message import Message as AmqpMessage
 from prometheus_client import Counter
 
-from cscart_fm.core import metrics
+from cscart_fm.core import frames, metrics
 from cscart_fm.core.broker import connect
-from cscart_fm.core.errors import BridgeError, Fate
+from cscart_fm.core.errors import BridgeError, Fate, InvalidMessage
 from cscart_fm.core.events import parse_event
 from cscart_fm.core.observability import redact_text
 from cscart_fm.core.topology import DEAD_LETTER_EXCHANGE, EVENTS_EXCHANGE, ConsumerTopology
@@ -65,6 +65,15 @@ from schemas.messages import Message
 log = structlog.get_logger(__name__)
 
 E = TypeVar("E", bound=Message, contravariant=True)
+
+CARRIED_PROPERTIES = (
+    "message_id", "correlation_id", "reply_to", "app_id", "type", "priority", "timestamp",
+)
+"""What a retry or dead-letter copy keeps of the message's properties (not ``expiration``:
+a copy must not expire on its way; not ``user_id``: the broker checks it against ours)."""
+
+DROPPED_HEADERS = "cscart-headers-dropped"
+"""On a copy whose original headers could not be written back: why."""
 
 ATTEMPT_HEADER = "cscart-attempt"
 """Our own count of delayed retries (the broker ignores client-set ``x-`` headers)."""
@@ -547,6 +556,12 @@ class ConsumerRuntime(Generic[E]):
         body = message.body
         outcome = _Outcome(attempt=_attempt_of(message.headers))
         try:
+            unreadable = frames.undecodable(message.headers)
+            if unreadable:
+                raise InvalidMessage(
+                    f"header {unreadable[0][:100]}: a timestamp no date can hold (milliseconds "
+                    "sent where the AMQP timestamp is seconds?)"
+                )
             event: Message = parse_event(body, self.accepts)
             outcome.client_id, outcome.event_id = event.client_id, event.event_id
             outcome.routing_key = getattr(event, "type", None)  # the routing key of its type
@@ -669,7 +684,7 @@ class ConsumerRuntime(Generic[E]):
                 headers={
                     ATTEMPT_HEADER: attempt + 1,
                     "cscart-last-error-type": error.error_type,
-                    "cscart-last-reason": error.reason[:500],
+                    "cscart-last-reason": redact_text(error.reason)[:500],
                 },
             )
             message.ack()
@@ -697,7 +712,7 @@ class ConsumerRuntime(Generic[E]):
         return {
             "cscart-error-type": error.error_type,
             "cscart-reason": redact_text(reason)[:1000],
-            "cscart-action": error.action,
+            "cscart-action": redact_text(error.action)[:1000],
             "cscart-consumer": self.name,
             "cscart-attempts": attempt,
             "cscart-client-id": outcome.client_id or "",
@@ -706,8 +721,8 @@ class ConsumerRuntime(Generic[E]):
             "cscart-original-routing-key": outcome.routing_key or self.topology.routing_key,
         }
 
-    @staticmethod
     def _republish(
+        self,
         producer: Producer,
         message: AmqpMessage,
         *,
@@ -715,9 +730,9 @@ class ConsumerRuntime(Generic[E]):
         routing_key: str,
         headers: Mapping[str, Any],
     ) -> None:
-        """Publish a copy of the message (same body and properties) and wait for the confirm."""
-        properties = message.properties
-        merged = {**(message.headers or {}), **headers}
+        """Publish a copy of the message (same body and properties) and wait for the confirm.
+        A header of the message's own that cannot be written back is dropped from the copy
+        (and the copy says so): the copy still carries the runtime's reason."""
         # Always bytes: py-amqp decodes a body whose content_encoding names a text codec, and
         # kombu would re-encode a str with whatever the message claims ("binary" included).
         body, encoding = message.body, message.content_encoding or "utf-8"
@@ -726,18 +741,35 @@ class ConsumerRuntime(Generic[E]):
                 body = body.encode(encoding)
             except (LookupError, UnicodeError):
                 body, encoding = body.encode("utf-8", "surrogateescape"), "utf-8"
-        producer.publish(
-            body,
-            exchange=exchange,
-            routing_key=routing_key,
-            headers=merged,
-            serializer=None,
-            content_type=message.content_type or "application/json",
-            content_encoding=encoding,
-            delivery_mode=2,
-            message_id=properties.get("message_id"),
-            retry=False,
-        )
+
+        carried = {
+            name: message.properties[name]
+            for name in CARRIED_PROPERTIES
+            if message.properties.get(name) not in (None, "")
+        }
+
+        def publish(with_headers: Mapping[str, Any], properties: Mapping[str, Any]) -> None:
+            producer.publish(
+                body,
+                exchange=exchange,
+                routing_key=routing_key,
+                headers=dict(with_headers),
+                serializer=None,
+                content_type=message.content_type or "application/json",
+                content_encoding=encoding,
+                delivery_mode=2,
+                retry=False,
+                **properties,
+            )
+
+        try:
+            publish({**(message.headers or {}), **headers}, carried)
+        except _BROKER_TROUBLE:
+            raise
+        except Exception as exc:  # encoding fails before anything is written
+            self.log.warning("a header could not be copied; dropped", error=type(exc).__name__)
+            kept = {"message_id": carried["message_id"]} if "message_id" in carried else {}
+            publish({**headers, DROPPED_HEADERS: f"{type(exc).__name__}: {exc}"[:300]}, kept)
 
 
 def run_until_stopped(runtimes: list[ConsumerRuntime[Any]], stop: threading.Event) -> None:

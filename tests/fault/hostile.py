@@ -14,6 +14,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
+from tests.support.amqp_values import RawTimestamp
 from tests.support.broker import shipment_event
 
 ROUTING_KEYS: tuple[str, ...] = ("order-poll.tick", "shipment.lodged", "stock.snapshot")
@@ -146,6 +147,37 @@ def _nested_text(depth: int, kind: str) -> bytes:
     return (opening * depth + "1" + closing * depth).encode()
 
 
+# Header values a publisher may write and the consumer must survive: timestamps in any 64-bit
+# range (milliseconds where seconds belong overflow Python's datetime), nested tables and
+# arrays of them, bytes, decimals, and the headers the service itself writes, forged.
+header_values = st.recursive(
+    st.one_of(
+        st.builds(RawTimestamp, st.integers(0, 2**64 - 1)),
+        st.builds(RawTimestamp, st.sampled_from([1796352000000, 253402300800, 2**63, 0])),
+        st.binary(max_size=40),
+        st.decimals(allow_nan=False, allow_infinity=False, places=2,
+                    min_value=-(10**6), max_value=10**6),
+        st.booleans(),
+        st.none(),
+        st.integers(-(2**63), 2**63 - 1),
+        st.text(max_size=40),
+    ),
+    lambda children: st.one_of(
+        st.lists(children, max_size=3),
+        st.dictionaries(st.text(min_size=1, max_size=10), children, max_size=3),
+    ),
+    max_leaves=6,
+)
+FORGED = {
+    "cscart-original-exchange": st.sampled_from(["fm.orders", "", "amq.topic", "x" * 300]),
+    "cscart-original-routing-key": st.sampled_from(["order.imported", "#", ""]),
+    "cscart-error-type": st.sampled_from(["store-unreachable", "", "internal-error"]),
+    "cscart-client-id": st.sampled_from(["ACME", "", "\x1b]0;title\x07"]),
+    "cscart-replay-count": st.sampled_from([-1, 10**12, "many", None]),
+    "x-death": st.sampled_from([[], [{"count": "x", "time": RawTimestamp(2**63)}], "no"]),
+}
+
+
 @st.composite
 def hostile_headers(draw: st.DrawFn) -> tuple[dict[str, Any], dict[str, Any]]:
     """Headers and properties that should not matter (or at least not hurt)."""
@@ -161,12 +193,26 @@ def hostile_headers(draw: st.DrawFn) -> tuple[dict[str, Any], dict[str, Any]]:
     if draw(st.booleans()):
         headers[draw(st.text(min_size=1, max_size=20))] = draw(json_scalars.filter(
             lambda v: not isinstance(v, int) or -(2**63) <= v < 2**63))
-    properties = {
+    for name in draw(st.lists(st.text(min_size=1, max_size=20), max_size=3)):
+        headers[name] = draw(header_values)
+    for name in draw(st.lists(st.sampled_from(sorted(FORGED)), max_size=3, unique=True)):
+        headers[name] = draw(FORGED[name])
+    properties: dict[str, Any] = {
         "content_type": draw(st.sampled_from(
             ["application/json", "text/plain", "application/octet-stream", ""])),
     }
     if draw(st.booleans()):
         properties["content_encoding"] = draw(st.sampled_from(["utf-8", "gzip", "latin-1"]))
+    if draw(st.booleans()):
+        properties["timestamp"] = draw(st.integers(0, 2**64 - 1))
+    if draw(st.booleans()):
+        properties["priority"] = draw(st.integers(0, 255))
+    for name in ("correlation_id", "reply_to", "app_id", "type", "expiration"):
+        if draw(st.integers(0, 4)) == 0:
+            properties[name] = draw(
+                st.sampled_from(["3600000", "x" * 255, "\x1b[2J", "é", ""])
+                if name != "expiration" else st.sampled_from(["3600000", "86400000"])
+            )
     return headers, properties
 
 
