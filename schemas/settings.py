@@ -155,7 +155,7 @@ class StoreLimits(_Section):
     concurrency: int = Field(default=4, ge=1, le=64)
     connect_timeout: float = Field(default=5.0, gt=0, le=120)
     read_timeout: float = Field(default=20.0, gt=0, le=600)
-    attempt_timeout: float = Field(default=60.0, gt=0, le=900)
+    attempt_timeout: float = Field(default=25.0, gt=0, le=900)
     """The whole of one attempt (connect, headers and body): a store trickling its answer a
     byte at a time resets the read timeout forever, never this."""
     max_attempts: int = Field(default=3, ge=1, le=10)

@@ -665,7 +665,8 @@ def _store_call_worst_case() -> float:
     from schemas.settings import StoreLimits
 
     limits = StoreLimits()
-    attempt = limits.connect_timeout + limits.read_timeout
+    # An attempt ends at its timeouts, or at attempt_timeout if the store trickles its answer.
+    attempt = max(limits.connect_timeout + limits.read_timeout, limits.attempt_timeout)
     return limits.max_attempts * attempt + (limits.max_attempts - 1) * limits.max_retry_wait
 
 
@@ -992,10 +993,25 @@ def _rabbitmqctl(*args: str, stdin: str | None = None) -> subprocess.CompletedPr
     return result
 
 
-def _import_into_vhost(definitions: dict[str, Any], vhost: str) -> None:
+def _import_into_vhost(
+    definitions: dict[str, Any], vhost: str, users: dict[str, str] | None = None
+) -> None:
+    """Import into a test's own vhost. The users are the broker's, not the vhost's: without
+    ``users`` (name in the file → name for this test) they are left out; with it, they are
+    imported under those names, which the test deletes afterwards."""
     document = copy.deepcopy(definitions)
     document["vhosts"] = [{"name": vhost}]
-    for key in ("exchanges", "queues", "bindings", "policies"):
+    renamed = users or {}
+    document["users"] = [
+        {**user, "name": renamed[user["name"]]} for user in document["users"]
+        if user["name"] in renamed
+    ]
+    for key in ("permissions", "topic_permissions"):
+        document[key] = [
+            {**item, "user": renamed[item["user"]]} for item in document[key]
+            if item["user"] in renamed
+        ]
+    for key in ("exchanges", "queues", "bindings", "policies", "permissions", "topic_permissions"):
         for item in document[key]:
             item["vhost"] = vhost
     # On standard input: rabbitmqctl may run as the rabbitmq user, who cannot read tmp_path.
@@ -1023,6 +1039,48 @@ def test_imported_definitions_accept_the_services_declaration(
     with Connection(broker_url, connect_timeout=10) as connection:
         declared = TOPOLOGY.declare(connection)
     assert set(declared) == {q["name"] for q in _definitions()["queues"]}
+
+
+@pytest.mark.broker
+def test_only_the_service_may_publish_dead_letters_and_orders(broker_url: str) -> None:
+    """The permissions of the definitions, on a real broker: FM publishes its events to
+    fm.events and reads its queues, and nothing else; only the service publishes to the
+    dead-letter exchange and to fm.orders (a forged dead letter or order is refused)."""
+    from amqp.exceptions import AccessRefused
+    from kombu import Connection
+
+    vhost = broker_url.rsplit("/", 1)[1]
+    service, fm = f"svc-{vhost}", f"fm-{vhost}"
+    _import_into_vhost(_definitions(), vhost, {"cscart-fm": service, "fm": fm})
+    try:
+        for user in (service, fm):
+            _rabbitmqctl("change_password", user, "test-password-1")
+        base = broker_url.split("@", 1)[1]
+
+        def publish(user: str, exchange: str, routing_key: str) -> None:
+            with Connection(f"amqp://{user}:test-password-1@{base}", connect_timeout=10,
+                            transport_options={"confirm_publish": True}) as conn:
+                conn.Producer().publish(b"{}", exchange=exchange, routing_key=routing_key,
+                                        serializer=None, content_type="application/json")
+
+        with Connection(f"amqp://{service}:test-password-1@{base}", connect_timeout=10) as conn:
+            TOPOLOGY.declare(conn)  # the service declares everything at start
+        publish(fm, "fm.events", "shipment.lodged")
+        publish(service, "cscart.dead-letter", "cscart.shipment-lodged.dlq")
+        publish(service, "fm.orders", "order.imported")
+        publish(service, "", "cscart.shipment-lodged.retry.5s")  # a retry
+        publish(service, "fm.events", "order-poll.tick")  # the tick producer, a replay
+        for exchange, key in [
+            ("cscart.dead-letter", "cscart.shipment-lodged.dlq"),  # a forged dead letter
+            ("fm.orders", "order.imported"),  # a forged order
+            ("fm.events", "order.imported"),  # an event FM does not send
+            ("", "cscart.shipment-lodged"),  # straight into a work queue
+        ]:
+            with pytest.raises(AccessRefused):
+                publish(fm, exchange, key)
+    finally:
+        for user in (service, fm):
+            subprocess.run(["rabbitmqctl", "delete_user", user], capture_output=True, timeout=60)
 
 
 @pytest.mark.broker

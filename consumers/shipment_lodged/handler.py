@@ -1,31 +1,9 @@
-"""Tracking push: when FM lodges a shipment, create it in the client's CS-Cart store and set
-the order's status as the client's settings ask.
+"""Tracking push: a consignment FM lodged becomes one CS-Cart shipment, then the order status.
 
-One ``shipment.lodged`` event (contract §2.3) becomes, in this order:
-
-1. the order: ``cart_order_id``, else ``order_no`` less the client's prefix, read from the
-   store (not there → dead letter);
-2. the shipment, when ``tracking.update_tracking_number`` is on: the consignment's lines mapped
-   by SKU to the order's cart item ids (never more than is left to ship), the tracking number,
-   the carrier as a code CS-Cart knows when it is one (CS-Cart then shows its own tracking
-   link), otherwise by name with the tracking URL in the shipment's comments when
-   ``update_tracking_url`` is on;
-3. the status, in a separate step after the shipment: a backorder and
-   ``partially_shipped_status`` set → that status; no backorder and ``shipped_status`` set →
-   that status; otherwise the status is left alone.
-
-Exactly once, although the broker delivers at least once. The key is (client, shipment_ref):
-
-- the table ``pushed_shipments`` records the shipment id once the shipment exists and whether
-  the status step is done; each step is skipped when it is recorded as done, so a retry after
-  "shipment created, status failed" only sets the status;
-- every shipment we create carries ``FM ref <shipment_ref>`` in its comments. Before any POST
-  the order's shipments are read back from the store and a shipment with our marker is adopted
-  instead of creating another: this covers a crash between the POST and the recording, and a
-  POST that timed out (its outcome unknown: read back at once; not there → retried later,
-  reading back first again);
-- read-back and creation run under a lock shared by every replica, so the same event handled
-  twice at once still makes one shipment.
+Exactly once although the broker delivers at least once: the shipment is recorded per
+(client, shipment_ref), carries an ``FM ref`` marker that is read back before any POST (a
+crash or a timed-out POST leaves no second shipment), and read-back and creation run under a
+lock every replica shares. The whole story: docs/jobs.md.
 """
 
 from __future__ import annotations

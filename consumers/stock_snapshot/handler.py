@@ -1,50 +1,9 @@
-"""Stock push: FM's ``stock.snapshot`` (contract §2.4) → the quantities of a CS-Cart store.
+"""Stock push: FM's snapshot becomes the store's quantities, written only where they differ.
 
-For a client with ``stock.update_stock`` on, each SKU of the message gets a target quantity
-(``on_hand`` or ``available`` as the client chose; a negative one pushed as 0 when
-``negative_as_zero`` is on). Duplicate SKUs inside one message: the last one wins. Then, with
-the client's stock lock held (one writer per client across every replica):
-
-1. **No stale overwrite.** ``stock_applied`` remembers, per client and SKU, the ``taken_at`` of
-   the last snapshot applied. An item whose recorded ``taken_at`` is *newer* than this
-   message's is ignored (``STOCK_STALE``). An equal one (a redelivery, or the same snapshot
-   split over several messages) proceeds: applying it again is idempotent.
-2. **Read before writing.** The store's current quantities are read, and only what differs is
-   written, so a 20,000-SKU snapshot with 1% changed costs the pages plus about 200 PUTs:
-
-   - a message with many SKUs reads the whole catalogue in pages of
-     ``max(limits.page_size, 250)`` (CS-Cart has no hard maximum; 250 products is a
-     moderate answer for modest hosting), keeping in memory only the products whose code is
-     in the message — never the catalogue;
-   - a message with no more SKUs than the catalogue has pages (as of its last full read; at
-     most ``SMALL_MESSAGE_SKUS`` before the first) looks each code up with ``pcode`` instead
-     (one request per SKU, exact match kept client-side).
-
-   Variations (4.10+) are products of their own with their own code. Up to 4.9, a product
-   with ``tracking: O`` keeps its stock per option combination, each with its own code and
-   amount: the SKU → combination mapping is cached in ``stock_product_map`` and refreshed
-   when a SKU misses (the combinations of the product holding a SKU are read anyway, to know
-   their amounts; products with ``tracking: O`` not seen before are listed on a miss).
-3. **Write and record, SKU by SKU.** A different quantity is written (``STOCK_WRITTEN``),
-   then recorded in ``stock_applied`` with an upsert guarded by ``taken_at <=``; an equal
-   one is only recorded (``STOCK_UNCHANGED``). A store failure mid-snapshot propagates (the
-   runtime retries the message); the retry re-reads, finds what was written equal, and
-   writes only the rest. A killed consumer is the same story through redelivery.
-4. **Report.** A SKU the store does not know (``STOCK_UNKNOWN_SKUS``) or whose product does not
-   track inventory (``STOCK_UNTRACKED``) is reported while the rest is applied: one log line
-   per message and a row in ``stock_reports`` (counts, and the first SKUs of each kind).
-   A write the store refuses (HTTP 400) does not stop the others either; the message is
-   dead-lettered at the end naming those SKUs, and a replay writes only what still differs.
-
-A client with ``update_stock`` off: acknowledged, counted (``STOCK_SNAPSHOTS_IGNORED``),
-nothing read or written.
-
-How the store keeps option stock is detected and remembered (``stock_catalogue``):
-products carrying ``parent_product_id`` mean variations (4.10+: no combinations to look for),
-a product with ``tracking: O`` means combinations.
-
-Memory: the message itself, a dict of its SKUs, and the store's entries for those SKUs (plus
-the ids the client saw while paging, about 0.2 KB per product of the catalogue).
+One writer per client across replicas; an older snapshot never overwrites a newer one per SKU
+(``stock_applied``); the store is read before it is written (the whole catalogue in pages, or
+each code looked up when the message is small), so a retry writes only what still differs.
+The whole story: docs/jobs.md.
 """
 
 from __future__ import annotations

@@ -359,7 +359,8 @@ def take_dead_letters(url: str, consumer: str, state_url: str,
     from structlog.testing import capture_logs
 
     from cscart_fm.cli.wiring import open_state
-    from cscart_fm.support.dead_letters import collect, dead_letters
+    from cscart_fm.support.dead_letters.collect import collect
+    from cscart_fm.support.dead_letters.store import dead_letters
 
     store = open_state(state_url)
     try:
