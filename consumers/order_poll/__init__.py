@@ -83,7 +83,7 @@ JOB: Job[Services] = Job(
     tuning=Tuning(prefetch=2, concurrency=1),
     tables=(imported_orders, poll_watermarks, order_decisions),
     migrations=(_claimed_orders_index,),
-    dead_letter_key=DeadLetterKey("order-poll", None, "client's order poll"),
+    dead_letter_key=DeadLetterKey(None, None, "client's order poll"),
     overview=(
         OverviewColumn(
             "Last successful order poll", poll_watermarks, _last_poll, "time", _stalled

@@ -53,7 +53,7 @@ from schemas.settings import ClientSettings
 
 log = structlog.get_logger(__name__)
 
-POLL_LOCK = "order-poll"
+POLL_LOCK = "order-poll"  # the lock's key, as replicas of the last release take it
 """One poll per client across replicas: the name of its lock."""
 DECISION_RETENTION = timedelta(days=180)
 

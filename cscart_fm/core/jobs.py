@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 from zoneinfo import ZoneInfo
@@ -43,7 +43,8 @@ class DeadLetterKey:
     ``<prefix>:<client_id>`` (or ``<prefix>:<client_id>:<field>`` with a field), read from
     the body, and a success marks the open dead letters with its key resolved."""
 
-    prefix: str
+    prefix: str | None
+    """None: the job's name (the job fills it in)."""
     field: str | None
     label: str
     """What support calls what the key names ("shipment", "client's order poll")."""
@@ -107,6 +108,11 @@ class Job(Generic[C]):
     overview: tuple[OverviewColumn, ...] = ()
     failures: Counter | None = None
     """A counter by (client, error_type) of this job's failed messages."""
+
+    def __post_init__(self) -> None:
+        key = self.dead_letter_key
+        if key is not None and key.prefix is None:
+            object.__setattr__(self, "dead_letter_key", replace(key, prefix=self.name))
 
     @property
     def event_types(self) -> tuple[str, ...]:
@@ -194,8 +200,11 @@ class Registry(Generic[C]):
         return key.of(event.client_id, lambda name: getattr(event, name, None))
 
     def key_labels(self) -> dict[str, str]:
-        return {job.dead_letter_key.prefix: job.dead_letter_key.label for job in self.jobs
-                if job.dead_letter_key is not None}
+        return {
+            str(job.dead_letter_key.prefix): job.dead_letter_key.label
+            for job in self.jobs
+            if job.dead_letter_key is not None
+        }
 
 
 def names_of(jobs: Iterable[Job[Any]]) -> tuple[str, ...]:
