@@ -13,7 +13,8 @@ PREFIX = "cscart_fm"
 # --- consumer runtime ------------------------------------------------------------------------
 MESSAGES = Counter(
     f"{PREFIX}_messages_total",
-    "Messages handled, by consumer and outcome (ok, retry, dead_letter, requeued).",
+    "Messages handled, by consumer and outcome (ok, retry, dead_letter, requeued, deferred: "
+    "sent round a delay queue while its client's slow store held its share of the workers).",
     ["consumer", "outcome"],
 )
 MESSAGE_ERRORS = Counter(

@@ -72,6 +72,9 @@ CARRIED_PROPERTIES = (
 """What a retry or dead-letter copy keeps of the message's properties (not ``expiration``:
 a copy must not expire on its way; not ``user_id``: the broker checks it against ours)."""
 
+DEFERRALS_HEADER = "cscart-deferrals"
+"""How many times a message went round because its client's store was slow."""
+
 DROPPED_HEADERS = "cscart-headers-dropped"
 """On a copy whose original headers could not be written back: why."""
 
@@ -157,6 +160,7 @@ class _Outcome:
     client_id: str | None = None
     event_id: str | None = None
     routing_key: str | None = None  # the event's, once its body validated
+    deferred: bool = False  # its client's store is slow and holds its share: sent round
 
 
 class _Waker:
@@ -209,14 +213,26 @@ class RuntimeOptions:
     max_attempts: int = 5
     shutdown_grace: float = 30.0
     reconnect_max_wait: float = 30.0
+    slow_client_after: float = 10.0
+    """A client whose messages in hand have all run this long has a slow store: once it
+    holds all workers but one, its next messages go round a delay queue instead of taking
+    the last worker from the other clients (see ``_admit``)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _attempt_of(headers: Mapping[str, Any] | None) -> int:
-    try:
-        return max(1, int((headers or {}).get(ATTEMPT_HEADER, 1)))
-    except (TypeError, ValueError):
-        return 1
+    return max(1, _count(headers, ATTEMPT_HEADER) or 1)
+
+
+def _count(headers: Mapping[str, Any] | None, name: str) -> int:
+    """A count header of ours; anything else in it (a forged or broken value) counts as 0."""
+    value = (headers or {}).get(name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            value = int(str(value)) if isinstance(value, str) else 0
+        except ValueError:
+            value = 0
+    return max(0, min(int(value), 1_000_000))
 
 
 def _peek_client_id(body: bytes) -> str | None:
@@ -306,6 +322,9 @@ class ConsumerRuntime(Generic[E]):
         self._at_workers = 0  # put on _work and not yet taken back from _done
         self._done: queue.SimpleQueue[tuple[AmqpMessage, _Outcome]] = queue.SimpleQueue()
         self._waker = _Waker()
+        self._share = max(1, self.options.concurrency - 1)
+        self._running: dict[str, list[float]] = {}  # client → start times of its messages
+        self._running_lock = threading.Lock()
         self._multiple_ack = False
         self._next_tick = 0.0
         self.log = log.bind(consumer=self.name)
@@ -570,7 +589,14 @@ class ConsumerRuntime(Generic[E]):
                 attempt=outcome.attempt,
                 redelivered=bool(message.delivery_info.get("redelivered")),
             )
-            self._around(event, delivery)
+            admitted = self._admit(event.client_id)
+            if admitted is None:
+                outcome.deferred = True
+                return outcome
+            try:
+                self._around(event, delivery)
+            finally:
+                self._release(event.client_id, admitted)
         except BridgeError as exc:
             outcome.error = exc
         except Exception as exc:
@@ -582,6 +608,27 @@ class ConsumerRuntime(Generic[E]):
         if outcome.error is not None and outcome.client_id is None:
             outcome.client_id = _peek_client_id(body)
         return outcome
+
+    def _admit(self, client_id: str) -> float | None:
+        """When this client's message may start (its start time), or None: the client holds
+        its share of the workers (all but one) and every one of its messages in hand has run
+        ``slow_client_after`` seconds, so its store is slow and the last worker stays free
+        for the other clients. A healthy client may use every worker."""
+        now = time.monotonic()
+        with self._running_lock:
+            starts = self._running.setdefault(client_id, [])
+            slow = bool(starts) and now - max(starts) >= self.options.slow_client_after
+            if len(starts) >= self._share and slow:
+                return None
+            starts.append(now)
+            return now
+
+    def _release(self, client_id: str, started: float) -> None:
+        with self._running_lock:
+            starts = self._running.get(client_id, [])
+            starts.remove(started)
+            if not starts:
+                self._running.pop(client_id, None)
 
     def _around(self, event: Message, delivery: Delivery) -> None:
         """The handler inside the middleware: hooks entered run their ``after_handle``."""
@@ -620,11 +667,14 @@ class ConsumerRuntime(Generic[E]):
         while not self._done.empty():  # only this thread takes from _done
             message, outcome = self._done.get_nowait()
             self._at_workers -= 1
-            if outcome.error is None:
+            if outcome.error is None and not outcome.deferred:
                 handled.append(message)
                 continue
             try:
-                self._settle_failed(producer, message, outcome, outcome.error)
+                if outcome.error is not None:
+                    self._settle_failed(producer, message, outcome, outcome.error)
+                else:
+                    self._defer(producer, message, outcome)
             except _BROKER_TROUBLE:
                 raise  # the connection is gone: the broker redelivers what was not acked
             except Exception:
@@ -661,6 +711,27 @@ class ConsumerRuntime(Generic[E]):
             in_flight.pop(tag).ack()
             self._ok.inc()
         self._last_success.set_to_current_time()
+
+    def _defer(self, producer: Producer, message: AmqpMessage, outcome: _Outcome) -> None:
+        """Round a delay queue and back, its attempt not counted, its prefetch slot freed;
+        each deferral of one message waits longer (the retry ladder)."""
+        deferrals = _count(message.headers, DEFERRALS_HEADER) + 1
+        delay = self.topology.retry_delay(deferrals)
+        self._republish(
+            producer,
+            message,
+            exchange="",
+            routing_key=self.topology.retry_queue_name(delay),
+            headers={ATTEMPT_HEADER: outcome.attempt, DEFERRALS_HEADER: deferrals},
+        )
+        message.ack()
+        metrics.MESSAGES.labels(self.name, "deferred").inc()
+        self.log.warning(
+            "client's store is slow and holds its share of the workers; message deferred",
+            client_id=outcome.client_id,
+            event_id=outcome.event_id,
+            retry_in_seconds=delay,
+        )
 
     def _settle_failed(
         self, producer: Producer, message: AmqpMessage, outcome: _Outcome, error: BridgeError
