@@ -34,7 +34,7 @@ from consumers.registry import JOBS
 from cscart_fm.core.broker import connect
 from cscart_fm.core.metrics import DEAD_LETTERS_OPEN
 from cscart_fm.core.observability import redact_text
-from cscart_fm.core.state import StateStore, utcnow
+from cscart_fm.core.state import StateStore, as_utc, utcnow
 from cscart_fm.core.topology import DELIVERY_LIMIT
 from cscart_fm.support.dead_letters.replay import REPLAY_COUNT_HEADER, REPLAY_OF_HEADER
 from cscart_fm.support.dead_letters.resolve import key_of_document
@@ -44,7 +44,6 @@ from cscart_fm.support.dead_letters.store import (
     dead_letters,
     destination,
     ensure_table,
-    parse_time,
     peek,
 )
 
@@ -157,7 +156,7 @@ def record_of(
         action = str(headers.get("cscart-action") or "")
         attempts = _int(headers.get("cscart-attempts"), 1)
         client_id = str(headers.get("cscart-client-id") or "") or None
-        when = parse_time(headers.get("cscart-dead-lettered-at"))
+        when = as_utc(headers.get("cscart-dead-lettered-at"))
     else:  # dead-lettered by the broker itself (x-delivery-limit, ...)
         code = str(
             (deaths[0].get("reason") if deaths else None)
@@ -178,7 +177,7 @@ def record_of(
             reason = f"{reason} (more than {DELIVERY_LIMIT} deliveries)"
             attempts = max(attempts, DELIVERY_LIMIT + 1)
         client_id = None
-        when = parse_time(deaths[0].get("time")) if deaths else None
+        when = as_utc(deaths[0].get("time")) if deaths else None
     # Where a replay would go comes from the job, never from a header (see replay.destination).
     try:
         exchange, routing_key = destination(consumer, bytes(body))

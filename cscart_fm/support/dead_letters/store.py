@@ -113,19 +113,6 @@ ERROR_TITLES: dict[str, str] = {
 }
 
 
-def parse_time(value: Any) -> datetime | None:
-    """A stored or header moment (datetime or ISO text) as an aware UTC datetime."""
-    if isinstance(value, datetime):
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-    if isinstance(value, str) and value:
-        try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            return None
-        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
-    return None
-
-
 def peek(body: bytes) -> dict[str, Any] | None:
     """The body as a JSON object, or None (not JSON, or not an object)."""
     try:
@@ -208,7 +195,7 @@ class DeadLetter:
             "discarded_at",
             "resolved_at",
         ):
-            values[name] = parse_time(values[name])
+            values[name] = as_utc(values[name])
         values["body"] = bytes(values["body"])
         return cls(**values)
 
@@ -478,7 +465,7 @@ def stats(store: StateStore) -> dict[str, Any]:
                 "consumer": consumer,
                 "error_type": error_type,
                 "count": int(n),
-                "oldest": _iso(parse_time(oldest)),
+                "oldest": _iso(as_utc(oldest)),
             }
             for consumer, error_type, n, oldest in open_rows
         ],
