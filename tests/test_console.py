@@ -2,8 +2,9 @@
 and PostgreSQL where storage matters), requests as a browser sends them.
 
 The broker's side (collecting, publishing replays) is replaced by recorders here, except in
-the last tests, which use RabbitMQ and the real consumer runtime; the browser test
-(``test_console_browser.py``) goes through all of it in headless Chromium.
+the last test, which uses the real consumer runtime on kombu's in-process broker and on
+RabbitMQ (``bus_url``); the browser test (``test_console_browser.py``) goes through all of it
+in headless Chromium.
 """
 
 from __future__ import annotations
@@ -1036,40 +1037,40 @@ def test_cscart_fm_console_serves_until_sigterm(tmp_path: Path) -> None:
     assert code == 0, log_file.read_text()
 
 
-@pytest.mark.broker
-def test_console_runs_on_the_real_broker_and_replays_through_it(
-    broker_url: str, sqlite_url: str, tmp_path: Path
+def test_console_collects_from_the_broker_and_replays_through_it(
+    bus_url: str, sqlite_url: str, tmp_path: Path
 ) -> None:
     """Collected from the .dlq queue when the page lists it; replayed with confirms; resolved
-    by the consumer's success hook."""
+    by the consumer's success hook: on the in-process broker, and on RabbitMQ in the broker
+    tier."""
     from cscart_fm.core.errors import NotFound
     from cscart_fm.support.dead_letters.resolve import DeadLetterResolver
 
     from .support.broker import declare, depth, publish_json, running
     from .support.dlq_handlers import Planned
 
-    declare(broker_url)
+    declare(bus_url)
     store = open_state(sqlite_url)
     handler = Planned({"BR-1": NotFound("orders.get: HTTP 404"), "BR-2": NotFound("HTTP 404")})
     console = make_console(
         store,
         tmp_path,
-        broker_url=broker_url,
+        broker_url=bus_url,
         retry_delays=(1,),
         collect=collect,
         collect_interval=0,
     )
     try:
         with (
-            running(handler, broker_url, middleware=[DeadLetterResolver(store)]),
+            running(handler, bus_url, middleware=[DeadLetterResolver(store)]),
             served(console) as base,
         ):
-            publish_json(broker_url, shipment_event("BR-1"), "shipment.lodged")
-            publish_json(broker_url, shipment_event("BR-2", client_id="BETA"), "shipment.lodged")
-            wait_for(lambda: depth(broker_url, "cscart.shipment-lodged.dlq") == 2)
+            publish_json(bus_url, shipment_event("BR-1"), "shipment.lodged")
+            publish_json(bus_url, shipment_event("BR-2", client_id="BETA"), "shipment.lodged")
+            wait_for(lambda: depth(bus_url, "cscart.shipment-lodged.dlq") == 2)
             http = login(base, "olivia")
             listing = http.get(base + "/letters?client=ACME", timeout=30).text
-            assert depth(broker_url, "cscart.shipment-lodged.dlq") == 0  # collected
+            assert depth(bus_url, "cscart.shipment-lodged.dlq") == 0  # collected
             [letter_id] = [int(x) for x in re.findall(r'<tr id="letter-(\d+)"', listing)]
             handler.fix("BR-1")
             ask = post(

@@ -1,7 +1,13 @@
-"""Orders pulling on the real RabbitMQ and the CS-Cart store emulator.
+"""Orders pulling with the CS-Cart store emulator, the consumer running in this process
+(``polling``) or as ``cscart-fm run order-poll`` processes; FM's side is the
+``fm.orders.imported`` queue.
 
-Each test gets a fresh vhost; the consumer runs in this process (``consumer``) or as a
-``cscart-fm run order-poll`` process; FM's side is the ``fm.orders.imported`` queue.
+The order job's rules (filters, statuses, countries, start date, lookback, listing,
+watermark, prefix, test SKUs, Multi-Vendor parents, explain) run on kombu's in-process broker
+(``memory_url``), or with the handler called directly for one attempt of a tick; a dead
+tick on both brokers (``bus_url``). What rests on RabbitMQ stays on it: the tick's delayed
+retry, kill -9 of a process at each step of a run and two replica processes at once; the
+rules under those three are tested in this process too, with the handler called directly.
 """
 
 from __future__ import annotations
@@ -29,13 +35,17 @@ from prometheus_client import REGISTRY
 from consumers.order_poll import filters as order_poll
 from consumers.order_poll import listing
 from consumers.order_poll.tables import imported_orders, order_decisions, poll_watermarks
+from consumers.registry import JOBS
+from cscart.client import CsCartClient
 from cscart_emulator import Fault, StoreEmulator
 from cscart_fm.cli.wiring import Services
 from cscart_fm.core import metrics
+from cscart_fm.core.errors import Fate, StoreUnreachable
 from cscart_fm.core.runtime import ConsumerRuntime
 from cscart_fm.support.explain import explain_order
 from schemas.messages import order_event_id
 
+from .support import order_poll_crash
 from .support.broker import declare, depth, drain, publish_json, wait_for
 from .support.pipeline import (
     API_KEY,
@@ -44,6 +54,7 @@ from .support.pipeline import (
     cli_env,
     client_doc,
     consumer,
+    deliver,
     make_services,
     start_cli,
     write_clients_file,
@@ -51,8 +62,6 @@ from .support.pipeline import (
 from .support.pipeline import (
     imported_orders as take_imported,
 )
-
-pytestmark = pytest.mark.broker
 
 FM_QUEUE = "fm.orders.imported"
 TICKS = "cscart.order-poll"
@@ -110,9 +119,9 @@ def sqlite_url(tmp_path: Path) -> str:
 
 @dataclass
 class Poll:
-    """One client's order-poll consumer on the real broker, in this process."""
+    """One client's order-poll consumer in this process, on ``url``'s broker."""
 
-    broker_url: str
+    url: str
     store: StoreEmulator
     services: Services
     runtime: ConsumerRuntime[Any]
@@ -121,12 +130,12 @@ class Poll:
         """Publish a tick and return once the consumer settled it with ``outcome``."""
         done = metrics.MESSAGES.labels("order-poll", outcome)
         before = done._value.get()
-        publish_json(self.broker_url, tick_body(client_id), "order-poll.tick")
+        publish_json(self.url, tick_body(client_id), "order-poll.tick")
         wait_for(lambda: done._value.get() > before, timeout=timeout)
 
     def taken(self) -> list[dict[str, Any]]:
         """Every order.imported FM received since the last call."""
-        return take_imported(self.broker_url)
+        return take_imported(self.url)
 
     def ids(self) -> list[int]:
         return sorted(o["cart_order_id"] for o in self.taken())
@@ -137,13 +146,13 @@ class Poll:
 
 @contextmanager
 def polling(
-    broker_url: str, state_url: str, store: StoreEmulator, **sections: Any
+    url: str, state_url: str, store: StoreEmulator, **sections: Any
 ) -> Iterator[Poll]:
-    declare(broker_url)
-    services = make_services(broker_url, state_url, [client_doc(store.url, **sections)])
+    declare(url)
+    services = make_services(url, state_url, [client_doc(store.url, **sections)])
     try:
         with consumer(services, "order-poll") as runtime:
-            yield Poll(broker_url, store, services, runtime)
+            yield Poll(url, store, services, runtime)
     finally:
         services.close()
 
@@ -158,7 +167,7 @@ def rows(services: Services, table: sa.Table) -> list[Any]:
 
 @pytest.mark.postgres
 def test_each_order_is_published_once_with_the_contracts_fields(
-    broker_url: str, state_url: str, store: StoreEmulator
+    memory_url: str, state_url: str, store: StoreEmulator
 ) -> None:
     placed = now() - HOUR
     real = store.add_order(
@@ -184,7 +193,7 @@ def test_each_order_is_published_once_with_the_contracts_fields(
     )
     imported_before = counter(metrics.ORDERS_IMPORTED, "ACME")
     polls_before = poll_count()
-    with polling(broker_url, state_url, store) as poll:
+    with polling(memory_url, state_url, store) as poll:
         poll.tick()
         received = {o["cart_order_id"]: o for o in poll.taken()}
         assert sorted(received) == [real, test_only]
@@ -250,13 +259,13 @@ def test_each_order_is_published_once_with_the_contracts_fields(
 
 
 def test_statuses_by_letter_name_or_custom_status_resolved_from_the_store(
-    broker_url: str, sqlite_url: str, store: StoreEmulator
+    memory_url: str, sqlite_url: str, store: StoreEmulator
 ) -> None:
     store.add_status("Z", "Awaiting Pickup", inventory="D")
     placed = now() - HOUR
     by_status = {s: store.add_order(status=s, timestamp=placed) for s in "PZBOCI"}
     with polling(
-        broker_url, sqlite_url, store,
+        memory_url, sqlite_url, store,
         orders={"statuses": ["Processed", "awaiting pickup", "Back Ordered"]},
     ) as poll:
         skipped = counter(metrics.ORDERS_SKIPPED, "ACME", "status")
@@ -273,13 +282,13 @@ def test_statuses_by_letter_name_or_custom_status_resolved_from_the_store(
 
 
 def test_countries_filter_the_ship_to_country(
-    broker_url: str, sqlite_url: str, store: StoreEmulator
+    memory_url: str, sqlite_url: str, store: StoreEmulator
 ) -> None:
     placed = now() - HOUR
     by_country = {c: store.add_order(s_country=c, b_country="AU", timestamp=placed)
                   for c in ("AU", "NZ", "US", "GB")}
     before = counter(metrics.ORDERS_SKIPPED, "ACME", "country")
-    with polling(broker_url, sqlite_url, store, orders={"countries": ["AU", "nz"]}) as poll:
+    with polling(memory_url, sqlite_url, store, orders={"countries": ["AU", "nz"]}) as poll:
         poll.tick()
         assert poll.ids() == [by_country["AU"], by_country["NZ"]]
         poll.tick()  # seen again: not counted again
@@ -291,10 +300,10 @@ def test_countries_filter_the_ship_to_country(
 
 
 def test_empty_countries_pull_every_country_and_the_prefix_makes_the_order_no(
-    broker_url: str, sqlite_url: str, store: StoreEmulator
+    memory_url: str, sqlite_url: str, store: StoreEmulator
 ) -> None:
     ids = [store.add_order(s_country=c, timestamp=now() - HOUR) for c in ("AU", "US", "JP")]
-    with polling(broker_url, sqlite_url, store, orders={"prefix": "NPF-"}) as poll:
+    with polling(memory_url, sqlite_url, store, orders={"prefix": "NPF-"}) as poll:
         poll.tick()
         received = poll.taken()
         assert sorted(o["cart_order_id"] for o in received) == ids
@@ -302,12 +311,12 @@ def test_empty_countries_pull_every_country_and_the_prefix_makes_the_order_no(
 
 
 def test_start_date_excludes_earlier_orders_even_if_the_store_returned_them(
-    broker_url: str, sqlite_url: str, store: StoreEmulator
+    memory_url: str, sqlite_url: str, store: StoreEmulator
 ) -> None:
     start = datetime(2025, 3, 10, tzinfo=UTC)
     before = store.add_order(timestamp=int(start.timestamp()) - 1)
     after = store.add_order(timestamp=int(start.timestamp()))
-    with polling(broker_url, sqlite_url, store, orders={"start_date": "10/03/2025"}) as poll:
+    with polling(memory_url, sqlite_url, store, orders={"start_date": "10/03/2025"}) as poll:
         poll.tick()
         assert poll.ids() == [after]
         listing = next(r for r in store.requests if r.query.get("period"))
@@ -359,7 +368,7 @@ def test_every_filter_is_checked_here_too_whatever_the_store_returned() -> None:
     assert order_poll.judge(slim, filters, everything) is None  # the country needs the order
 
 
-def test_filters_combined(broker_url: str, sqlite_url: str, store: StoreEmulator) -> None:
+def test_filters_combined(memory_url: str, sqlite_url: str, store: StoreEmulator) -> None:
     start = int(datetime(2025, 6, 1, tzinfo=SYDNEY).timestamp())
     good = store.add_order(status="P", s_country="NZ", timestamp=start + DAY)
     excluded = {
@@ -370,7 +379,7 @@ def test_filters_combined(broker_url: str, sqlite_url: str, store: StoreEmulator
     also_good = store.add_order(status="C", s_country="AU", timestamp=start + 2 * DAY)
     orders = {"statuses": ["P", "Complete"], "countries": ["AU", "NZ"],
               "start_date": "01/06/2025", "timezone": "Australia/Sydney", "prefix": "ZZ"}
-    with polling(broker_url, sqlite_url, store, orders=orders) as poll:
+    with polling(memory_url, sqlite_url, store, orders=orders) as poll:
         poll.tick()
         received = poll.taken()
         assert sorted(o["order_no"] for o in received) == [f"ZZ{good}", f"ZZ{also_good}"]
@@ -392,7 +401,7 @@ def test_filters_combined(broker_url: str, sqlite_url: str, store: StoreEmulator
     ],
 )
 def test_start_date_midnight_edge_in_sydney(
-    broker_url: str, sqlite_url: str, start_date: str, offset: str
+    memory_url: str, sqlite_url: str, start_date: str, offset: str
 ) -> None:
     day, month, year = (int(part) for part in start_date.split("/"))
     midnight = datetime(year, month, day, tzinfo=SYDNEY)
@@ -403,7 +412,7 @@ def test_start_date_midnight_edge_in_sydney(
         at_midnight = emulator.add_order(timestamp=start)
         later = emulator.add_order(timestamp=start + 4 * HOUR)  # after the DST change, if any
         orders = {"start_date": start_date, "timezone": "Australia/Sydney"}
-        with polling(broker_url, sqlite_url, emulator, orders=orders) as poll:
+        with polling(memory_url, sqlite_url, emulator, orders=orders) as poll:
             poll.tick()
             received = {o["cart_order_id"]: o["placed_at"] for o in poll.taken()}
             assert sorted(received) == [at_midnight, later]
@@ -420,13 +429,13 @@ def test_start_date_midnight_edge_in_sydney(
 
 @pytest.mark.parametrize("version", [(4, 18), (4, 12)], ids=["updated_at", "no-updated_at"])
 def test_an_order_paid_after_it_was_placed_is_imported_when_it_is(
-    broker_url: str, sqlite_url: str, version: tuple[int, int]
+    memory_url: str, sqlite_url: str, version: tuple[int, int]
 ) -> None:
     emulator = new_store(version=version)
     try:
         early = emulator.add_order(status="P", timestamp=now() - 2 * HOUR)
         unpaid = emulator.add_order(status="O", timestamp=now() - HOUR)
-        with polling(broker_url, sqlite_url, emulator) as poll:
+        with polling(memory_url, sqlite_url, emulator) as poll:
             poll.tick()
             assert poll.ids() == [early]
             poll.tick()
@@ -449,14 +458,14 @@ def test_an_order_paid_after_it_was_placed_is_imported_when_it_is(
 
 @pytest.mark.parametrize("version", [(4, 18), (4, 12)], ids=["updated_at", "no-updated_at"])
 def test_an_order_paid_after_the_lookback_is_not_imported(
-    broker_url: str, sqlite_url: str, version: tuple[int, int]
+    memory_url: str, sqlite_url: str, version: tuple[int, int]
 ) -> None:
     emulator = new_store(version=version)
     try:
         old = emulator.add_order(status="O", timestamp=now() - 40 * DAY)
         recent = emulator.add_order(status="O", timestamp=now() - 10 * DAY)
         orders = {"status_lookback_days": 30}
-        with polling(broker_url, sqlite_url, emulator, orders=orders) as poll:
+        with polling(memory_url, sqlite_url, emulator, orders=orders) as poll:
             poll.tick()
             assert poll.ids() == []
             emulator.set_order_status(old, "P")
@@ -470,7 +479,7 @@ def test_an_order_paid_after_the_lookback_is_not_imported(
 
 
 def test_an_order_paid_while_a_long_listing_runs_is_imported_next_tick(
-    broker_url: str, sqlite_url: str, store: StoreEmulator, monkeypatch: pytest.MonkeyPatch
+    memory_url: str, sqlite_url: str, store: StoreEmulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The order changes behind the reader's page (lower id) while later orders change too:
     the watermark must not move past it. The overlap is taken away to show the watermark
@@ -478,7 +487,7 @@ def test_an_order_paid_while_a_long_listing_runs_is_imported_next_tick(
     monkeypatch.setattr(listing, "OVERLAP_SECONDS", 0)
     behind = store.add_order(status="O", timestamp=now() - DAY)
     first = store.add_order(status="P", timestamp=now() - DAY)
-    with polling(broker_url, sqlite_url, store, limits={"page_size": 5}) as poll:
+    with polling(memory_url, sqlite_url, store, limits={"page_size": 5}) as poll:
         poll.tick()
         assert poll.ids() == [first]
         time.sleep(1.1)
@@ -502,7 +511,7 @@ def test_an_order_paid_while_a_long_listing_runs_is_imported_next_tick(
 
 
 def test_an_order_leaving_the_listing_while_it_is_read_shifts_no_order_out(
-    broker_url: str, sqlite_url: str, store: StoreEmulator
+    memory_url: str, sqlite_url: str, store: StoreEmulator
 ) -> None:
     """CS-Cart pages by offset: orders on page 1 leaving the status filter (FM's shipments
     complete them) while page 2 is requested would shift page 2 back, and the orders sliding
@@ -521,7 +530,7 @@ def test_an_order_leaving_the_listing_while_it_is_read_shifts_no_order_out(
         for order_id in ids[:3]:
             store.set_order_status(order_id, "C")
 
-    with polling(broker_url, sqlite_url, store, limits={"page_size": 10}) as poll:
+    with polling(memory_url, sqlite_url, store, limits={"page_size": 10}) as poll:
         shipper = threading.Thread(target=ship_page_one)
         shipper.start()
         poll.tick()
@@ -540,11 +549,11 @@ def test_an_order_leaving_the_listing_while_it_is_read_shifts_no_order_out(
 
 
 def test_1200_orders_at_the_stores_default_page_size_are_imported_once(
-    broker_url: str, sqlite_url: str, store: StoreEmulator
+    memory_url: str, sqlite_url: str, store: StoreEmulator
 ) -> None:
     store.add_history(1200, start_timestamp=now() - 3 * DAY, step_seconds=90, status="P")
     store.add_history(300, start_timestamp=now() - 3 * DAY, step_seconds=90, status="C")
-    with polling(broker_url, sqlite_url, store, limits={"page_size": 10}) as poll:
+    with polling(memory_url, sqlite_url, store, limits={"page_size": 10}) as poll:
         started = time.monotonic()
         poll.tick(timeout=180)
         seconds = time.monotonic() - started
@@ -567,7 +576,7 @@ def test_1200_orders_at_the_stores_default_page_size_are_imported_once(
 
 @pytest.mark.parametrize("version", [(4, 18), (4, 12)], ids=["updated_at", "no-updated_at"])
 def test_an_idle_tick_costs_the_same_with_1000_or_100000_orders_in_the_store(
-    broker_url: str, tmp_path: Path, version: tuple[int, int]
+    memory_url: str, tmp_path: Path, version: tuple[int, int]
 ) -> None:
     calls: dict[int, Counter[str]] = {}
     for history in (1_000, 100_000):
@@ -580,7 +589,7 @@ def test_an_idle_tick_costs_the_same_with_1000_or_100000_orders_in_the_store(
             )
             recent = [emulator.add_order(status="P", timestamp=now() - HOUR) for _ in range(3)]
             state = f"sqlite:///{tmp_path / f'state-{history}.sqlite'}"
-            with polling(broker_url, state, emulator) as poll:
+            with polling(memory_url, state, emulator) as poll:
                 poll.tick()
                 assert poll.ids() == recent
                 poll.tick()  # the poll after the first one
@@ -599,6 +608,7 @@ def test_an_idle_tick_costs_the_same_with_1000_or_100000_orders_in_the_store(
 # --- failures -------------------------------------------------------------------------------------
 
 
+@pytest.mark.broker
 def test_a_store_error_mid_tick_retries_the_tick_and_every_order_arrives_once(
     broker_url: str, sqlite_url: str, store: StoreEmulator
 ) -> None:
@@ -627,23 +637,67 @@ def test_a_store_error_mid_tick_retries_the_tick_and_every_order_arrives_once(
         assert received == ids
 
 
+def test_an_attempt_after_a_store_error_mid_tick_imports_only_what_is_left(
+    memory_url: str, sqlite_url: str, store: StoreEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rule the retry above rests on, with the handler called directly, one call per
+    attempt (the delay between them is the broker tier's): a 503 on the third page fails the
+    attempt with a retryable error once the pages before it are at FM and recorded; the next
+    attempt imports the rest, none twice, and a later tick nothing."""
+    ids = [store.add_order(status="P", timestamp=now() - DAY + i) for i in range(50)]
+    # One page in flight at a time, so that the fault meets the third page and no other.
+    doc = client_doc(store.url, limits={"page_size": 10, "concurrency": 1})
+    original = CsCartClient._order_page
+    pages = 0
+
+    def third_page_fails(self: CsCartClient, *args: Any, **kwargs: Any) -> Any:
+        nonlocal pages
+        pages += 1
+        if pages == 3:
+            store.set_fault("orders.list", Fault(error_rate=1.0, error_status=503))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CsCartClient, "_order_page", third_page_fails)
+    declare(memory_url)
+    services = make_services(memory_url, sqlite_url, [doc])
+    handler = JOBS.named("order-poll").build(services)
+    tick = tick_body()
+    try:
+        with pytest.raises(StoreUnreachable) as caught:
+            deliver(handler, tick)
+        assert caught.value.fate is Fate.RETRY  # not dropped: retried later
+        first = sorted(o["cart_order_id"] for o in take_imported(memory_url))
+        assert first == ids[:20]  # the two pages read before the error
+        published = {r.cart_order_id for r in rows(services, imported_orders)
+                     if r.state == "published"}
+        assert published == set(first)  # recorded: the next attempt does not send them again
+        store.clear_faults()
+        deliver(handler, tick, 2)
+        rest = sorted(o["cart_order_id"] for o in take_imported(memory_url))
+        assert rest == ids[20:]
+        deliver(handler, tick_body())
+        assert take_imported(memory_url) == []
+    finally:
+        services.close()
+
+
 def test_a_status_the_store_does_not_have_is_reported_and_the_others_still_pulled(
-    broker_url: str, sqlite_url: str, store: StoreEmulator
+    memory_url: str, sqlite_url: str, store: StoreEmulator
 ) -> None:
     paid = store.add_order(status="P", timestamp=now() - HOUR)
-    with polling(broker_url, sqlite_url, store, orders={"statuses": ["P", "Shipped-ish"]}) as poll:
+    with polling(memory_url, sqlite_url, store, orders={"statuses": ["P", "Shipped-ish"]}) as poll:
         poll.tick()
         assert poll.ids() == [paid]
         assert "Shipped-ish" in poll.explain(paid)
 
 
 def test_no_status_the_store_has_dead_letters_the_tick_naming_the_settings(
-    broker_url: str, sqlite_url: str, store: StoreEmulator
+    bus_url: str, sqlite_url: str, store: StoreEmulator
 ) -> None:
     store.add_order(status="P", timestamp=now() - HOUR)
-    with polling(broker_url, sqlite_url, store, orders={"statuses": ["Paid in gold"]}) as poll:
+    with polling(bus_url, sqlite_url, store, orders={"statuses": ["Paid in gold"]}) as poll:
         poll.tick(outcome="dead_letter")
-        [dead] = drain(broker_url, DLQ)
+        [dead] = drain(bus_url, DLQ)
         assert dead.headers["cscart-error-type"] == "store-refused"
         assert "Paid in gold" in dead.headers["cscart-reason"]
         assert "orders.statuses" in dead.headers["cscart-action"]
@@ -651,7 +705,7 @@ def test_no_status_the_store_has_dead_letters_the_tick_naming_the_settings(
 
 
 def test_multi_vendor_parent_order_is_not_imported_beside_its_vendor_orders(
-    broker_url: str, sqlite_url: str, store: StoreEmulator
+    memory_url: str, sqlite_url: str, store: StoreEmulator
 ) -> None:
     placed = now() - HOUR
     parent = store.add_order(status="P", timestamp=placed, is_parent_order="Y")
@@ -659,7 +713,7 @@ def test_multi_vendor_parent_order_is_not_imported_beside_its_vendor_orders(
         store.add_order(status="P", timestamp=placed, parent_order_id=parent, company_id=2),
         store.add_order(status="P", timestamp=placed, parent_order_id=parent, company_id=3),
     ]
-    with polling(broker_url, sqlite_url, store) as poll:
+    with polling(memory_url, sqlite_url, store) as poll:
         poll.tick()
         assert poll.ids() == vendors
         text = poll.explain(parent)
@@ -668,7 +722,7 @@ def test_multi_vendor_parent_order_is_not_imported_beside_its_vendor_orders(
 
 
 def test_an_order_the_contract_cannot_carry_is_skipped_with_the_field_and_the_rest_imported(
-    broker_url: str, sqlite_url: str, store: StoreEmulator
+    memory_url: str, sqlite_url: str, store: StoreEmulator
 ) -> None:
     """A quantity beyond what the contract allows (a typing slip in the store's admin): that
     order is not published (FM would refuse it), explain names the field, and the tick
@@ -678,7 +732,7 @@ def test_an_order_the_contract_cannot_carry_is_skipped_with_the_field_and_the_re
     bad = store.add_order(status="P", timestamp=placed + 1,
                           products=[{"product_code": "Test001", "amount": 20_000_000,
                                      "price": "10.00", "product": "Test item 1"}])
-    with polling(broker_url, sqlite_url, store) as poll:
+    with polling(memory_url, sqlite_url, store) as poll:
         poll.tick()
         assert poll.ids() == [good]
         text = poll.explain(bad)
@@ -689,7 +743,7 @@ def test_an_order_the_contract_cannot_carry_is_skipped_with_the_field_and_the_re
 
 
 def test_a_tick_for_a_client_being_polled_is_acknowledged_as_covered(
-    broker_url: str, sqlite_url: str, store: StoreEmulator
+    memory_url: str, sqlite_url: str, store: StoreEmulator
 ) -> None:
     """Two ticks at once in one process (two worker threads): one polls, the other finds the
     client's lock held, counts it and acknowledges the tick."""
@@ -698,10 +752,10 @@ def test_a_tick_for_a_client_being_polled_is_acknowledged_as_covered(
     busy = metrics.POLLS_SKIPPED_BUSY.labels("ACME")
     ok = metrics.MESSAGES.labels("order-poll", "ok")
     busy_before, ok_before = busy._value.get(), ok._value.get()
-    with polling(broker_url, sqlite_url, store, limits={"page_size": 10}) as poll:
+    with polling(memory_url, sqlite_url, store, limits={"page_size": 10}) as poll:
         assert poll.runtime.options.concurrency == 2
         for _ in range(2):
-            publish_json(broker_url, tick_body(), "order-poll.tick")
+            publish_json(memory_url, tick_body(), "order-poll.tick")
         wait_for(lambda: ok._value.get() - ok_before >= 2, 60)
         assert busy._value.get() - busy_before == 1
         assert poll.ids() == ids
@@ -711,17 +765,17 @@ def test_a_tick_for_a_client_being_polled_is_acknowledged_as_covered(
 
 
 def test_explain_says_when_and_as_what_or_which_filter(
-    broker_url: str, sqlite_url: str, store: StoreEmulator, tmp_path: Path
+    memory_url: str, sqlite_url: str, store: StoreEmulator, tmp_path: Path
 ) -> None:
     imported = store.add_order(status="P", s_country="AU", timestamp=now() - HOUR)
     elsewhere = store.add_order(status="P", s_country="US", timestamp=now() - HOUR)
     doc = client_doc(store.url, orders={"countries": ["AU"], "timezone": "Australia/Sydney"})
-    with polling(broker_url, sqlite_url, store,
+    with polling(memory_url, sqlite_url, store,
                  orders={"countries": ["AU"], "timezone": "Australia/Sydney"}) as poll:
         poll.tick()
         assert poll.ids() == [imported]
         waiting = store.add_order(status="P", s_country="AU", timestamp=now() - 60)
-    env = cli_env(broker_url, sqlite_url, write_clients_file(tmp_path / "c.yaml", [doc]))
+    env = cli_env(memory_url, sqlite_url, write_clients_file(tmp_path / "c.yaml", [doc]))
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -755,11 +809,15 @@ def _state_for(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> 
     if backend == "sqlite":
         return f"sqlite:///{tmp_path / 'state.sqlite'}"
     url = request.getfixturevalue("postgres_database")
-    engine = sa.create_engine(url)
     from cscart_fm.core.state import metadata
 
-    metadata.drop_all(engine)  # a clean state store for this test
-    engine.dispose()
+    def clean() -> None:
+        engine = sa.create_engine(url)
+        metadata.drop_all(engine)
+        engine.dispose()
+
+    clean()  # a clean state store for this test
+    request.addfinalizer(clean)  # and for the next one (``state_url`` does not clean first)
     return url
 
 
@@ -800,19 +858,33 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait(timeout=30)
 
 
+CRASH_STEPS = [
+    ("list", 25, "sqlite"),      # 2 pages done, the 3rd read and not claimed
+    ("claim", 2, "sqlite"),      # page 2 claimed, nothing of it published
+    ("publish", 2, "sqlite"),    # page 2 published, none of page 2 recorded
+    ("mark", 2, "sqlite"),       # 2 pages recorded, the 3rd claimed and not published
+    ("watermark", 1, "sqlite"),  # every order done, the run not recorded
+    ("publish", 2, "postgresql"),
+    ("list", 25, "postgresql"),
+]
+"""Where a run dies (``tests/support/order_poll_crash.py``), and on which state store."""
+
+
+def _check_copies(step: str, copies: int) -> None:
+    """The copies FM may get after a run died at ``step``, all with the same event_id."""
+    if step == "publish":
+        assert copies >= 1  # published, not recorded: sent again, with the same event_id
+    if step == "list":
+        # The page before was published and its confirms were awaited beside this page's
+        # judging: at most that one page is sent again, with the same event_ids.
+        assert copies <= 10
+    if step in ("claim", "mark", "watermark"):
+        assert copies == 0  # nothing was published without being recorded
+
+
+@pytest.mark.broker
 @pytest.mark.postgres
-@pytest.mark.parametrize(
-    ("step", "n", "backend"),
-    [
-        ("list", 25, "sqlite"),      # 2 pages done, the 3rd read and not claimed
-        ("claim", 2, "sqlite"),      # page 2 claimed, nothing of it published
-        ("publish", 2, "sqlite"),    # page 2 published, none of page 2 recorded
-        ("mark", 2, "sqlite"),       # 2 pages recorded, the 3rd claimed and not published
-        ("watermark", 1, "sqlite"),  # every order done, the run not recorded
-        ("publish", 2, "postgresql"),
-        ("list", 25, "postgresql"),
-    ],
-)
+@pytest.mark.parametrize(("step", "n", "backend"), CRASH_STEPS)
 def test_kill_9_at_each_step_of_a_run_loses_no_order(
     broker_url: str, store: StoreEmulator, tmp_path: Path, request: pytest.FixtureRequest,
     step: str, n: int, backend: str,
@@ -849,16 +921,60 @@ def test_kill_9_at_each_step_of_a_run_loses_no_order(
         _stop(process)
     taken.extend(take_imported(broker_url))
     copies = _check_fm_received_each_once(taken, ids, copies_allowed=True)
-    if step == "publish":
-        assert copies >= 1  # published, not recorded: sent again, with the same event_id
-    if step == "list":
-        # The page before was published and its confirms were awaited beside this page's
-        # judging: at most that one page is sent again, with the same event_ids.
-        assert copies <= 10
-    if step in ("claim", "mark", "watermark"):
-        assert copies == 0  # nothing was published without being recorded
+    _check_copies(step, copies)
 
 
+class Crash(BaseException):
+    """A kill -9 in this process: no code of the run runs after it (clean-ups that handle
+    ``Exception``, as the outbox's pipeline does, never see it)."""
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(("step", "n", "backend"), CRASH_STEPS)
+def test_a_run_that_dies_at_each_step_loses_no_order_once_its_tick_comes_back(
+    memory_url: str, store: StoreEmulator, tmp_path: Path, request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch, step: str, n: int, backend: str,
+) -> None:
+    """The rules the kill -9 test above rests on, in this process: a run dies at each step
+    (a ``Crash``), then a fresh process's services on the same state store get the tick
+    again (RabbitMQ's redelivery, in the broker tier) and finish the job."""
+    state_url = _state_for(backend, request, tmp_path)
+    ids = [store.add_order(status="P", timestamp=now() - DAY + i) for i in range(40)]
+    doc = client_doc(store.url, limits={"page_size": 10})
+    declare(memory_url)
+    tick = tick_body()
+    died: list[int] = []
+
+    def die(hits: int) -> None:
+        died.append(hits)
+        raise Crash(step)
+
+    dying = make_services(memory_url, state_url, [doc])
+    try:
+        with monkeypatch.context() as patch:
+            order_poll_crash.arm(step, n, die, patch.setattr)
+            with pytest.raises(Crash):
+                deliver(JOBS.named("order-poll").build(dying), tick)
+    finally:
+        dying.close()  # the dead process's connections go with it
+    assert died  # the run got to the step and died there
+    taken = take_imported(memory_url)
+    before = {b["cart_order_id"] for b in taken}
+    assert len(before) < 40 or step == "watermark"
+
+    fresh = make_services(memory_url, state_url, [doc])
+    try:
+        handler = JOBS.named("order-poll").build(fresh)
+        deliver(handler, tick, redelivered=True)  # the tick the dead process held
+        deliver(handler, tick_body())  # and a later tick adds nothing
+    finally:
+        fresh.close()
+    taken.extend(take_imported(memory_url))
+    copies = _check_fm_received_each_once(taken, ids, copies_allowed=True)
+    _check_copies(step, copies)
+
+
+@pytest.mark.broker
 @pytest.mark.postgres
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_kill_9_of_a_slow_consumer_process_at_any_moment_loses_no_order(
@@ -897,6 +1013,7 @@ def test_kill_9_of_a_slow_consumer_process_at_any_moment_loses_no_order(
     _check_fm_received_each_once(taken, ids, copies_allowed=True)
 
 
+@pytest.mark.broker
 @pytest.mark.postgres
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_two_consumer_processes_on_the_same_client_publish_each_order_once(
@@ -933,3 +1050,46 @@ def test_two_consumer_processes_on_the_same_client_publish_each_order_once(
     text = "".join(log.read_text() for log in logs)
     assert "another replica is polling this client now" in text  # they did run at once
     assert text.count('"order poll done"') >= 2
+
+
+@pytest.mark.postgres
+def test_two_replicas_taking_ticks_of_one_client_at_once_publish_each_order_once(
+    memory_url: str, state_url: str, store: StoreEmulator
+) -> None:
+    """The rule the two-process test above rests on, in this process: two replicas, each
+    with its own services (state store connections, lock handles, publisher), take ticks of
+    one client at once; one polls, the other finds the client's lock held, and FM gets each
+    order once."""
+    ids = [store.add_order(status="P", timestamp=now() - DAY + i) for i in range(80)]
+    store.set_fault("orders.list", Fault(latency=0.1))
+    doc = client_doc(store.url, limits={"page_size": 10})
+    declare(memory_url)
+    busy = metrics.POLLS_SKIPPED_BUSY.labels("ACME")
+    busy_before = busy._value.get()
+    replicas = [make_services(memory_url, state_url, [doc]) for _ in range(2)]
+    errors: list[BaseException] = []
+    together = threading.Barrier(2)  # both replicas' first ticks at once
+
+    def ticks(handler: Any) -> None:
+        try:
+            together.wait(timeout=30)
+            for _ in range(3):
+                deliver(handler, tick_body())
+        except BaseException as exc:  # reported on the test's thread
+            errors.append(exc)
+
+    try:
+        handlers = [JOBS.named("order-poll").build(services) for services in replicas]
+        threads = [threading.Thread(target=ticks, args=(handler,)) for handler in handlers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=90)
+        assert errors == []
+        for handler in handlers:  # more ticks once the first polls are over: nothing new
+            deliver(handler, tick_body())
+    finally:
+        for services in replicas:
+            services.close()
+    _check_fm_received_each_once(take_imported(memory_url), ids, copies_allowed=False)
+    assert busy._value.get() > busy_before  # they did run at once

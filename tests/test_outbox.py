@@ -1,7 +1,8 @@
 """The outbox on its own (``cscart_fm/core/outbox.py``): claim, publish with confirms, record,
 and a crash between any two steps losing nothing and sending FM nothing twice but copies with
-the same event_id and bytes — on SQLite and PostgreSQL, and the real broker where confirms
-matter.
+the same event_id and bytes — on SQLite and PostgreSQL. What FM receives is taken from a
+broker: kombu's in-process one for the rules, and the real RabbitMQ (``bus_url``), whose
+confirms are the outbox's proof.
 
 Its tables are made here as a job would make one (``outbox_table``): one keyed like the order
 changes to come, (client, cart order, kind, revision), and one with a single key beside it in
@@ -79,12 +80,13 @@ def state(state_url: str) -> Iterator[StateStore]:
 
 
 @pytest.fixture
-def fm(broker_url: str) -> str:
-    """The broker, with a queue taking everything published on ``fm.orders``."""
-    with Connection(broker_url) as conn:
+def fm(bus_url: str) -> str:
+    """The broker (in-process, and RabbitMQ in the broker tier), with a queue taking
+    everything published on ``fm.orders``."""
+    with Connection(bus_url) as conn:
         exchange = Exchange(ORDERS_EXCHANGE, type="topic", durable=True)
         Queue(FM_QUEUE, exchange, routing_key="#", durable=True)(conn.default_channel).declare()
-    return broker_url
+    return bus_url
 
 
 def received(url: str) -> list[dict[str, Any]]:
@@ -131,7 +133,6 @@ def all_published(state: StateStore, entries: Sequence[Entry]) -> None:
 # --- claim, publish, record ---------------------------------------------------------------------
 
 
-@pytest.mark.broker
 def test_entries_are_claimed_published_and_recorded_once_a_page_at_a_time(
     state: StateStore, fm: str
 ) -> None:
@@ -330,7 +331,6 @@ CRASHES = {
 }
 
 
-@pytest.mark.broker
 @pytest.mark.parametrize("crash", list(CRASHES))
 def test_a_crash_between_any_two_steps_loses_nothing_and_sends_only_same_event_id_copies(
     state: StateStore, fm: str, monkeypatch: pytest.MonkeyPatch, crash: str

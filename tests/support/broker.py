@@ -15,7 +15,13 @@ from consumers.registry import JOBS
 from cscart_fm.core import topology
 from cscart_fm.core.broker import Publisher
 from cscart_fm.core.jobs import Job
-from cscart_fm.core.runtime import ConsumerRuntime, Handler, Middleware, RuntimeOptions
+from cscart_fm.core.runtime import (
+    ATTEMPT_HEADER,
+    ConsumerRuntime,
+    Handler,
+    Middleware,
+    RuntimeOptions,
+)
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05) -> Any:
@@ -63,6 +69,44 @@ def publish_json(
         )
     finally:
         publisher.close()
+
+
+def publish_attempt(url: str, body: dict[str, Any], routing_key: str, attempt: int) -> None:
+    """``body`` as its delay queue gives a retry back to the work queue: with the runtime's
+    attempt header. kombu's in-process broker never gives a retry back, so a rule about a
+    later attempt publishes that attempt itself."""
+    props: dict[str, Any] = {
+        "content_type": "application/json",
+        "delivery_mode": 2,
+        "message_id": body.get("event_id"),
+        "headers": {ATTEMPT_HEADER: attempt},
+    }
+    publisher = Publisher(url)
+    try:
+        publisher.publish_raw(
+            json.dumps(body).encode(), exchange=topology.EVENTS_EXCHANGE,
+            routing_key=routing_key, properties=props,
+        )
+    finally:
+        publisher.close()
+
+
+def put_back(url: str, queue_name: str, messages: Sequence[Any]) -> None:
+    """Put messages taken with ``drain`` back in their queue as they were (body, headers,
+    properties): what RabbitMQ does with a message whose ack never came, and kombu's
+    in-process broker does not (it loses an unacked message with its connection)."""
+    with Connection(url) as conn:
+        producer = conn.Producer()
+        for message in messages:
+            properties = {
+                name: value for name, value in message.properties.items()
+                if name not in ("application_headers", "delivery_info", "delivery_tag")
+            }
+            producer.publish(
+                message.body, exchange="", routing_key=queue_name,
+                headers=dict(message.headers or {}), content_type=message.content_type,
+                content_encoding=message.content_encoding, retry=False, **properties,
+            )
 
 
 def drain(url: str, queue_name: str) -> list[Any]:

@@ -15,6 +15,7 @@ STEP is where the process dies, the Nth time it gets there:
 - ``watermark``: instead of saving the watermark (every order done, the run not recorded).
 
 The process writes ``<MARKER>`` (env ``CSCART_FM_TEST_CRASH_MARKER``) just before it dies.
+``arm`` places the same steps in a test's own process (the rules tier's crash test).
 """
 
 from __future__ import annotations
@@ -50,21 +51,20 @@ def _counts(step: str, name: str, arguments: Mapping[str, Any], result: Any) -> 
     return True
 
 
-def main() -> None:
-    step, n = sys.argv[1], int(sys.argv[2])
-    marker = os.environ.get("CSCART_FM_TEST_CRASH_MARKER")
-    hits = 0
+Patch = Callable[[Any, str, Any], None]
 
-    def die() -> None:
-        if marker:
-            Path(marker).write_text(f"{step} {hits}")
-        os.kill(os.getpid(), signal.SIGKILL)
+
+def arm(step: str, n: int, die: Callable[[int], None], patch: Patch = setattr) -> None:
+    """Call ``die(hits)`` the Nth time the process gets to ``step``. ``die`` must not return
+    (SIGKILL here; the rules tier raises an exception no clean-up catches), and ``patch`` is
+    how the methods are replaced (``monkeypatch.setattr`` to undo them after)."""
+    hits = 0
 
     def hit() -> None:
         nonlocal hits
         hits += 1
         if hits >= n:
-            die()
+            die(hits)
 
     if step == "list":
         original_pages = CsCartClient.order_pages
@@ -74,28 +74,40 @@ def main() -> None:
             for page in original_pages(self, **kwargs):
                 hits += len(page)
                 if hits >= n:
-                    die()
+                    die(hits)
                 yield page
 
-        CsCartClient.order_pages = order_pages  # type: ignore[method-assign]
-    else:
-        for owner, name in STEPS[step]:
-            original: Callable[..., Any] = getattr(owner, name)
+        patch(CsCartClient, "order_pages", order_pages)
+        return
+    for owner, name in STEPS[step]:
+        original: Callable[..., Any] = getattr(owner, name)
 
-            def wrapped(
-                *args: Any, _name: str = name, _original: Callable[..., Any] = original,
-                **kwargs: Any,
-            ) -> Any:
-                if step == "watermark":
-                    die()
-                result = _original(*args, **kwargs)
-                bound = inspect.signature(_original).bind(*args, **kwargs)
-                bound.apply_defaults()
-                if _counts(step, _name, bound.arguments, result):
-                    hit()
-                return result
+        def wrapped(
+            *args: Any, _name: str = name, _original: Callable[..., Any] = original,
+            **kwargs: Any,
+        ) -> Any:
+            if step == "watermark":
+                die(hits)
+            result = _original(*args, **kwargs)
+            bound = inspect.signature(_original).bind(*args, **kwargs)
+            bound.apply_defaults()
+            if _counts(step, _name, bound.arguments, result):
+                hit()
+            return result
 
-            setattr(owner, name, wrapped)
+        patch(owner, name, wrapped)
+
+
+def main() -> None:
+    step, n = sys.argv[1], int(sys.argv[2])
+    marker = os.environ.get("CSCART_FM_TEST_CRASH_MARKER")
+
+    def die(hits: int) -> None:
+        if marker:
+            Path(marker).write_text(f"{step} {hits}")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    arm(step, n, die)
 
     from cscart_fm.cli import main as cli_main
 
