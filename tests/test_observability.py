@@ -10,7 +10,7 @@ import pytest
 import structlog
 
 from cscart_fm.core.config import redact_url
-from cscart_fm.core.observability import configure_logging, register_secret
+from cscart_fm.core.observability import configure_logging, hide_secrets, register_secret
 
 SECRET = "sk-live-4f9d1c2b7a"
 
@@ -53,3 +53,9 @@ def test_secrets_and_emails_are_redacted_in_every_kind_of_log_line() -> None:
 )
 def test_urls_are_shown_without_their_password(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+def test_a_secret_that_starts_another_leaves_nothing_of_either_shown() -> None:
+    register_secret("short-key")
+    register_secret("short-key-and-more-7f3a")
+    assert hide_secrets("a short-key-and-more-7f3a and a short-key") == "a *** and a ***"

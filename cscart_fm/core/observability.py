@@ -40,7 +40,8 @@ def hide_secrets(text: str) -> str:
     """The text with every registered secret replaced by ``***``."""
     with _SECRETS_LOCK:
         secrets = tuple(_SECRETS)
-    for secret in secrets:
+    # Longest first: a secret that is the start of another would leave that one's end shown.
+    for secret in sorted(secrets, key=len, reverse=True):
         if secret in text:
             text = text.replace(secret, "***")
     return text

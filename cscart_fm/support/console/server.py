@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 
 import structlog
 
-from cscart_fm.core.observability import _SECRETS, _SECRETS_LOCK
+from cscart_fm.core.observability import hide_secrets
 from cscart_fm.core.state import StateStore, utcnow
 from cscart_fm.support.console import views
 from cscart_fm.support.console.auth import Accounts, LoginThrottle, Sessions, User, same_token
@@ -161,12 +161,7 @@ class Console:
     def hide_secrets(self, text: str) -> str:
         """Secrets never shown, even in revealed payloads (API keys and tokens registered
         for log redaction); personal data is the views' business."""
-        with _SECRETS_LOCK:
-            known = tuple(_SECRETS)
-        for secret in known:
-            if secret in text:
-                text = text.replace(secret, "***")
-        return text
+        return hide_secrets(text)
 
     # --- the WSGI application ---------------------------------------------------------------------
 
