@@ -121,6 +121,35 @@ def rows(state_url: str, **where: Any) -> list[dl.DeadLetter]:
 # --- every error type, with its reason --------------------------------------------------------
 
 
+def error_plan() -> dict[str, Any]:
+    """What the planned handler raises for each shipment_ref: one of each error type."""
+    return {
+        "S-404": NotFound("orders.get: HTTP 404 Not Found (order 1000012)"),
+        "S-MISMATCH": StoreMismatch("SKU Test009 is not on order CS1000012"),
+        "S-400": StoreRefused("shipments.create: HTTP 400 (order_id: unknown)", status=400),
+        "S-401": StoreUnauthorized("orders.get: HTTP 401 Unauthorized", status=401),
+        "S-503": StoreUnreachable("orders.get: HTTP 503 Service Unavailable"),
+        "S-NOPE": UnknownClient("client_id 'NOPE' is not in the clients file"),
+    }
+
+
+def assert_the_runtimes_reasons(by_type: dict[str, Any]) -> None:
+    assert by_type["not-found"]["reason"] == "orders.get: HTTP 404 Not Found (order 1000012)"
+    assert by_type["store-mismatch"]["reason"] == "SKU Test009 is not on order CS1000012"
+    assert by_type["store-refused"]["reason"].startswith("shipments.create: HTTP 400")
+    assert by_type["store-unauthorized"]["reason"] == "orders.get: HTTP 401 Unauthorized"
+    assert by_type["store-unreachable"]["reason"] == (
+        "gave up after 2 attempts: orders.get: HTTP 503 Service Unavailable"
+    )
+    assert by_type["store-unreachable"]["attempts"] == 2
+
+
+def assert_the_messages_own_faults(by_type: dict[str, Any]) -> None:
+    assert by_type["unknown-client"]["client_id"] == "NOPE"
+    assert "lines.0.quantity" in by_type["invalid-message"]["reason"]
+    assert by_type["invalid-message"]["client_id"] == "ACME"  # read from the body
+
+
 @pytest.mark.broker
 def test_a_dead_letter_of_each_error_type_appears_with_its_reason(
     broker_url: str, state_url: str
@@ -132,16 +161,7 @@ def test_a_dead_letter_of_each_error_type_appears_with_its_reason(
     exceed_delivery_limit(broker_url, WORK)
     wait_for(lambda: depth(broker_url, DLQ) == 1)
 
-    handler = Planned(
-        {
-            "S-404": NotFound("orders.get: HTTP 404 Not Found (order 1000012)"),
-            "S-MISMATCH": StoreMismatch("SKU Test009 is not on order CS1000012"),
-            "S-400": StoreRefused("shipments.create: HTTP 400 (order_id: unknown)", status=400),
-            "S-401": StoreUnauthorized("orders.get: HTTP 401 Unauthorized", status=401),
-            "S-503": StoreUnreachable("orders.get: HTTP 503 Service Unavailable"),
-            "S-NOPE": UnknownClient("client_id 'NOPE' is not in the clients file"),
-        }
-    )
+    handler = Planned(error_plan())
     with running(handler, broker_url, max_attempts=2):
         for ref in ("S-404", "S-MISMATCH", "S-400", "S-401", "S-503"):
             publish_json(broker_url, shipment_event(ref), "shipment.lodged")
@@ -164,17 +184,8 @@ def test_a_dead_letter_of_each_error_type_appears_with_its_reason(
         "invalid-message",
         "delivery-limit",
     }
-    assert by_type["not-found"]["reason"] == "orders.get: HTTP 404 Not Found (order 1000012)"
-    assert by_type["store-mismatch"]["reason"] == "SKU Test009 is not on order CS1000012"
-    assert by_type["store-refused"]["reason"].startswith("shipments.create: HTTP 400")
-    assert by_type["store-unauthorized"]["reason"] == "orders.get: HTTP 401 Unauthorized"
-    assert by_type["store-unreachable"]["reason"] == (
-        "gave up after 2 attempts: orders.get: HTTP 503 Service Unavailable"
-    )
-    assert by_type["store-unreachable"]["attempts"] == 2
-    assert by_type["unknown-client"]["client_id"] == "NOPE"
-    assert "lines.0.quantity" in by_type["invalid-message"]["reason"]
-    assert by_type["invalid-message"]["client_id"] == "ACME"  # read from the body
+    assert_the_runtimes_reasons(by_type)
+    assert_the_messages_own_faults(by_type)
     assert "too many times" in by_type["delivery-limit"]["reason"]
     assert by_type["delivery-limit"]["attempts"] == 21  # past x-delivery-limit 20
     assert all(row["status"] == "open" and row["consumer"] == "shipment-lodged" for row in listed)
@@ -232,16 +243,7 @@ def test_each_error_type_the_runtime_dead_letters_is_listed_with_its_reason(
     with what to do, counted and filtered. The broker's own dead letter (``delivery-limit``)
     and the ``x-death`` history stay with the test above."""
     declare(memory_url)
-    handler = Planned(
-        {
-            "S-404": NotFound("orders.get: HTTP 404 Not Found (order 1000012)"),
-            "S-MISMATCH": StoreMismatch("SKU Test009 is not on order CS1000012"),
-            "S-400": StoreRefused("shipments.create: HTTP 400 (order_id: unknown)", status=400),
-            "S-401": StoreUnauthorized("orders.get: HTTP 401 Unauthorized", status=401),
-            "S-503": StoreUnreachable("orders.get: HTTP 503 Service Unavailable"),
-            "S-NOPE": UnknownClient("client_id 'NOPE' is not in the clients file"),
-        }
-    )
+    handler = Planned(error_plan())
     with running(handler, memory_url, max_attempts=2):
         for ref in ("S-404", "S-MISMATCH", "S-400", "S-401"):
             publish_json(memory_url, shipment_event(ref), "shipment.lodged")
@@ -264,18 +266,9 @@ def test_each_error_type_the_runtime_dead_letters_is_listed_with_its_reason(
         "unknown-client",
         "invalid-message",
     }
-    assert by_type["not-found"]["reason"] == "orders.get: HTTP 404 Not Found (order 1000012)"
-    assert by_type["store-mismatch"]["reason"] == "SKU Test009 is not on order CS1000012"
-    assert by_type["store-refused"]["reason"].startswith("shipments.create: HTTP 400")
-    assert by_type["store-unauthorized"]["reason"] == "orders.get: HTTP 401 Unauthorized"
-    assert by_type["store-unreachable"]["reason"] == (
-        "gave up after 2 attempts: orders.get: HTTP 503 Service Unavailable"
-    )
-    assert by_type["store-unreachable"]["attempts"] == 2
+    assert_the_runtimes_reasons(by_type)
     assert handler.calls["S-503"] == 1  # its last attempt only: nothing retried here
-    assert by_type["unknown-client"]["client_id"] == "NOPE"
-    assert "lines.0.quantity" in by_type["invalid-message"]["reason"]
-    assert by_type["invalid-message"]["client_id"] == "ACME"  # read from the body
+    assert_the_messages_own_faults(by_type)
     assert all(row["status"] == "open" and row["consumer"] == "shipment-lodged" for row in listed)
 
     table = cli(env, "dlq", "list")
