@@ -149,6 +149,30 @@ def assert_the_messages_own_faults(by_type: dict[str, Any]) -> None:
     assert "lines.0.quantity" in by_type["invalid-message"]["reason"]
     assert by_type["invalid-message"]["client_id"] == "ACME"  # read from the body
 
+def assert_support_reads_them(
+    env: dict[str, str], by_type: dict[str, Any], open_count: int
+) -> None:
+    """What support reads: a table, and each one in plain words with what to do."""
+    table = cli(env, "dlq", "list")
+    assert table.exit_code == 0, table.output
+    assert table.stdout.splitlines()[0].split() == [
+        "ID", "DEAD-LETTERED", "(UTC)", "CONSUMER", "CLIENT", "ERROR", "TYPE", "REASON", "STATUS",
+    ]  # fmt: skip
+    for error_type in by_type:
+        assert error_type in table.stdout
+    assert f"{open_count} open dead letter(s)" in table.stdout
+
+    unauthorized = cli(env, "dlq", "show", str(by_type["store-unauthorized"]["id"]))
+    assert unauthorized.exit_code == 0, unauthorized.output
+    text = unauthorized.stdout
+    assert "What happened: The shipment-lodged consumer could not process this shipment.lodged " \
+        "message for client ACME: the store refused the API credentials." in text
+    assert "What to do: The store refused the API credentials (HTTP 401)" in text
+    assert "cscart-fm dlq replay" in text
+    assert "Attempts: 1" in text
+    assert '"shipment_ref": "S-401"' in text
+
+
 
 @pytest.mark.broker
 def test_a_dead_letter_of_each_error_type_appears_with_its_reason(
@@ -190,25 +214,7 @@ def test_a_dead_letter_of_each_error_type_appears_with_its_reason(
     assert by_type["delivery-limit"]["attempts"] == 21  # past x-delivery-limit 20
     assert all(row["status"] == "open" and row["consumer"] == "shipment-lodged" for row in listed)
 
-    # What support reads: a table, and each one in plain words with what to do.
-    table = cli(env, "dlq", "list")
-    assert table.exit_code == 0, table.output
-    assert table.stdout.splitlines()[0].split() == [
-        "ID", "DEAD-LETTERED", "(UTC)", "CONSUMER", "CLIENT", "ERROR", "TYPE", "REASON", "STATUS",
-    ]  # fmt: skip
-    for error_type in by_type:
-        assert error_type in table.stdout
-    assert "8 open dead letter(s)" in table.stdout
-
-    unauthorized = cli(env, "dlq", "show", str(by_type["store-unauthorized"]["id"]))
-    assert unauthorized.exit_code == 0, unauthorized.output
-    text = unauthorized.stdout
-    assert "What happened: The shipment-lodged consumer could not process this shipment.lodged " \
-        "message for client ACME: the store refused the API credentials." in text
-    assert "What to do: The store refused the API credentials (HTTP 401)" in text
-    assert "cscart-fm dlq replay" in text
-    assert "Attempts: 1" in text
-    assert '"shipment_ref": "S-401"' in text
+    assert_support_reads_them(env, by_type, open_count=8)
 
     limit = dlq_json(env, "show", str(by_type["delivery-limit"]["id"]))
     assert limit["x_death"][0]["reason"] == "delivery_limit"
@@ -271,24 +277,7 @@ def test_each_error_type_the_runtime_dead_letters_is_listed_with_its_reason(
     assert_the_messages_own_faults(by_type)
     assert all(row["status"] == "open" and row["consumer"] == "shipment-lodged" for row in listed)
 
-    table = cli(env, "dlq", "list")
-    assert table.exit_code == 0, table.output
-    assert table.stdout.splitlines()[0].split() == [
-        "ID", "DEAD-LETTERED", "(UTC)", "CONSUMER", "CLIENT", "ERROR", "TYPE", "REASON", "STATUS",
-    ]  # fmt: skip
-    for error_type in by_type:
-        assert error_type in table.stdout
-    assert "7 open dead letter(s)" in table.stdout
-
-    unauthorized = cli(env, "dlq", "show", str(by_type["store-unauthorized"]["id"]))
-    assert unauthorized.exit_code == 0, unauthorized.output
-    text = unauthorized.stdout
-    assert "What happened: The shipment-lodged consumer could not process this shipment.lodged " \
-        "message for client ACME: the store refused the API credentials." in text
-    assert "What to do: The store refused the API credentials (HTTP 401)" in text
-    assert "cscart-fm dlq replay" in text
-    assert "Attempts: 1" in text
-    assert '"shipment_ref": "S-401"' in text
+    assert_support_reads_them(env, by_type, open_count=7)
 
     stats = dlq_json(env, "stats")
     assert stats["by_status"]["open"] == 7
