@@ -29,6 +29,7 @@ import sqlalchemy as sa
 from consumers.registry import JOBS
 from cscart_emulator import StoreEmulator
 from cscart_fm.cli.wiring import middleware, open_state
+from cscart_fm.core import metrics
 from cscart_fm.core.broker import Publisher
 from cscart_fm.core.errors import (
     NotFound,
@@ -70,7 +71,15 @@ from .support.dlq_handlers import (
     order_imported_body,
     stock_event,
 )
-from .support.pipeline import API_KEY, KEY_ENV, client_doc, make_services, write_clients_file
+from .support.pipeline import (
+    API_KEY,
+    API_USER,
+    KEY_ENV,
+    client_doc,
+    consumer,
+    make_services,
+    write_clients_file,
+)
 
 WORK = "cscart.shipment-lodged"
 DLQ = "cscart.shipment-lodged.dlq"
@@ -854,8 +863,6 @@ def test_storage_deduplicates_filters_and_resolves(state_url: str) -> None:
         )
         store.insert_ignore(conn, dl.dead_letters, other)
 
-    from datetime import UTC, datetime
-
     assert len(find(store, Filter())) == 3
     assert len(find(store, Filter(client_id="BETA"))) == 1
     assert len(find(store, Filter(since=datetime(2026, 11, 24, tzinfo=UTC)))) == 1
@@ -902,6 +909,25 @@ def test_keys_and_masking() -> None:
 # --- end to end with the real shipment consumer ---------------------------------------------------
 
 
+def dead_letter_shipments_of_missing_orders(
+    url: str, env: dict[str, str], emu: StoreEmulator, orders: list[int], prefix: str
+) -> list[dict[str, Any]]:
+    """Shipments for orders the store does not have yet, dead-lettered (not-found) and
+    listed; then support has the orders created in the store."""
+    for order_id in orders:
+        body = shipment_event(
+            f"{prefix}-{order_id}", order_no=f"CS{order_id}", cart_order_id=order_id
+        )
+        publish_json(url, body, "shipment.lodged")
+    wait_for(lambda: depth(url, DLQ) == len(orders), timeout=60)
+    listed: list[dict[str, Any]] = dlq_json(env, "list")
+    assert {row["error_type"] for row in listed} == {"not-found"}
+    assert all(emu.shipments_for(order_id) == [] for order_id in orders)
+    for order_id in orders:
+        emu.add_order(order_id=order_id, products=[{"product_code": "Test001", "amount": 2}])
+    return listed
+
+
 @pytest.mark.broker
 def test_end_to_end_replay_with_the_real_shipment_consumer(
     broker_url: str, sqlite_url: str
@@ -910,10 +936,6 @@ def test_end_to_end_replay_with_the_real_shipment_consumer(
     orders are created; ``dlq replay --all`` sends them back while the broker drops every
     connection mid-way; exactly one shipment per order results, and the dead letters end
     resolved through the hook Services installs."""
-    from cscart_fm.core import metrics
-
-    from .support.pipeline import API_KEY, API_USER, consumer
-
     declare(broker_url)
     env = support_env(broker_url, sqlite_url)
     orders = list(range(1000100, 1000110))
@@ -924,20 +946,7 @@ def test_end_to_end_replay_with_the_real_shipment_consumer(
         services = make_services(broker_url, sqlite_url, [client_doc(emu.url)])
         try:
             with consumer(services, "shipment-lodged"):
-                for order_id in orders:
-                    body = shipment_event(
-                        f"E2E-{order_id}", order_no=f"CS{order_id}", cart_order_id=order_id
-                    )
-                    publish_json(broker_url, body, "shipment.lodged")
-                wait_for(lambda: depth(broker_url, DLQ) == len(orders), timeout=60)
-                listed = dlq_json(env, "list")
-                assert {row["error_type"] for row in listed} == {"not-found"}
-                assert all(emu.shipments_for(order_id) == [] for order_id in orders)
-
-                for order_id in orders:  # support had the orders fixed in the store
-                    emu.add_order(
-                        order_id=order_id, products=[{"product_code": "Test001", "amount": 2}]
-                    )
+                listed = dead_letter_shipments_of_missing_orders(broker_url, env, emu, orders, "E2E")
                 ok = metrics.MESSAGES.labels("shipment-lodged", "ok")
                 before = ok._value.get()
                 replayer = threading.Thread(
@@ -982,10 +991,6 @@ def test_replay_all_with_the_real_shipment_consumer_resolves_each_and_a_forced_o
     exist, ``dlq replay --all`` gives one shipment per order and the dead letters end resolved
     through the hook Services installs; a forced replay of a resolved one changes nothing in
     the store. The connections dropped mid-replay stay with the test above."""
-    from cscart_fm.core import metrics
-
-    from .support.pipeline import API_USER, consumer
-
     declare(memory_url)
     env = support_env(memory_url, sqlite_url)
     orders = list(range(1000200, 1000205))
@@ -995,20 +1000,7 @@ def test_replay_all_with_the_real_shipment_consumer_resolves_each_and_a_forced_o
         services = make_services(memory_url, sqlite_url, [client_doc(emu.url)])
         try:
             with consumer(services, "shipment-lodged"):
-                for order_id in orders:
-                    body = shipment_event(
-                        f"RA-{order_id}", order_no=f"CS{order_id}", cart_order_id=order_id
-                    )
-                    publish_json(memory_url, body, "shipment.lodged")
-                wait_for(lambda: depth(memory_url, DLQ) == len(orders), timeout=60)
-                listed = dlq_json(env, "list")
-                assert {row["error_type"] for row in listed} == {"not-found"}
-                assert all(emu.shipments_for(order_id) == [] for order_id in orders)
-
-                for order_id in orders:  # support had the orders fixed in the store
-                    emu.add_order(
-                        order_id=order_id, products=[{"product_code": "Test001", "amount": 2}]
-                    )
+                listed = dead_letter_shipments_of_missing_orders(memory_url, env, emu, orders, "RA")
                 replayed = dlq_json(env, "replay", "--all")
                 assert len(replayed["replayed"]) == len(orders) and replayed["failed"] == {}
                 wait_for(
